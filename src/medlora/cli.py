@@ -1,0 +1,185 @@
+"""`medlora` command: train, data check, chat, merge.
+
+Arguments are parsed with ``parse_known_args`` so the ``-f kernel.json`` that Jupyter appends is
+ignored; any other unknown option is still an error (a typo must not silently train with a default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+import warnings
+
+from .config import DEFAULT_MODEL, MedloraError, add_config_arguments, build_config
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Deprecation chatter from transformers/peft internals is noise to our users, not something they can act on.
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*is deprecated.*")
+
+
+def _strip_jupyter_args(unknown: list[str]) -> list[str]:
+    """Drop Jupyter's kernel-connection argument (-f FILE, --f=FILE); return what is left."""
+    rest, skip = [], False
+    for i, arg in enumerate(unknown):
+        if skip:
+            skip = False
+            continue
+        if arg in ("-f", "--f"):
+            skip = i + 1 < len(unknown)
+            continue
+        if arg.startswith(("-f=", "--f=")) or (arg.endswith(".json") and "kernel" in os.path.basename(arg)):
+            continue
+        rest.append(arg)
+    return rest
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
+    args, unknown = parser.parse_known_args(argv)
+    rest = _strip_jupyter_args(unknown)
+    if rest:
+        known = [s for a in parser._actions for s in a.option_strings]
+        for sub in parser._subparsers._group_actions if parser._subparsers else []:
+            for p in sub.choices.values():
+                known += [s for a in p._actions for s in a.option_strings]
+        first = rest[0].split("=")[0]
+        close = difflib.get_close_matches(first, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise MedloraError(f"unknown argument {rest[0]}{hint}")
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medlora", description="CPU LoRA fine-tuning for medical Q&A")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"medlora {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="fine-tune a model with LoRA on a qtype/Question/Answer CSV")
+    add_config_arguments(train)
+
+    data = sub.add_parser("data", help="inspect a dataset")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    check = data_sub.add_parser("check", help="validate a CSV and print statistics, without training")
+    check.add_argument("file")
+    check.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer counts tokens (default: %(default)s)")
+    check.add_argument("--max_seq_len", "--max-seq-len", type=int, default=512)
+    check.add_argument("--system_prompt", "--system-prompt", default=None)
+    check.add_argument("--json", action="store_true", help="print the statistics as JSON")
+
+    chat = sub.add_parser("chat", help="talk to a fine-tuned run, a merged model, or a base model")
+    chat.add_argument("run_dir", nargs="?", help="run folder (or merged_model/ or any HF model folder)")
+    chat.add_argument("--model", help="base model (alone: chat with the base model; with RUN_DIR: override its base)")
+    chat.add_argument("--question", "-q", help="ask one question, print the answer and exit")
+    chat.add_argument("--mode", choices=("greedy", "sample"), default="greedy")
+    chat.add_argument("--max_new_tokens", "--max-new-tokens", type=int)
+    chat.add_argument("--temperature", type=float)
+    chat.add_argument("--top_p", "--top-p", type=float)
+    chat.add_argument("--repetition_penalty", "--repetition-penalty", type=float)
+    chat.add_argument("--seed", type=int, default=None, help="seed for sampling mode (reproducible answers)")
+    chat.add_argument("--system_prompt", "--system-prompt", default=None)
+    chat.add_argument("--trust_remote_code", action="store_true")
+
+    merge = sub.add_parser("merge", help="write RUN_DIR/merged_model/ (base weights with the LoRA folded in)")
+    merge.add_argument("run_dir")
+    return parser
+
+
+def cmd_data_check(args) -> int:
+    from .config import DEFAULT_SYSTEM_PROMPT
+    from .data import encode_frame, length_stats, load_qa_csv
+    from .model import load_tokenizer, resolve_model
+
+    df, report = load_qa_csv(args.file)
+    tok = load_tokenizer(resolve_model(args.model))
+    encoded = encode_frame(tok, df, args.system_prompt or DEFAULT_SYSTEM_PROMPT, args.max_seq_len,
+                           progress=len(df) > 2000)
+    stats = {
+        "file": report.path,
+        "rows_read": report.rows_read,
+        "rows_kept": report.rows_kept,
+        "rows_dropped_empty": report.dropped_empty,
+        "qtype_counts": report.qtype_counts,
+        "tokenizer": args.model,
+        **length_stats(encoded, args.max_seq_len),
+    }
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    t = stats["tokens"]
+    lines = [
+        f"{report.path}: OK",
+        f"  rows: {report.rows_read} read, {report.rows_kept} kept, {report.dropped_empty} dropped (empty question or answer)",
+        f"  tokens per example ({args.model} chat template, system prompt included):",
+        f"    p50 {t['p50']}  p90 {t['p90']}  p95 {t['p95']}  p99 {t['p99']}  max {t['max']}  mean {t['mean']}",
+        f"  at max_seq_len {args.max_seq_len}: {stats['truncated_answers']} answers truncated "
+        f"({100 * stats['truncated_rate']:.1f}%), {stats['skipped_long_prompt']} rows skipped (prompt alone too long)",
+        "  qtype counts:",
+        *[f"    {k:<20} {v}" for k, v in report.qtype_counts.items()],
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .generate import answer, chat_repl, generation_kwargs, load_for_inference
+
+    if args.run_dir is None and args.model is None:
+        raise MedloraError("give a run folder (medlora chat runs/NAME) or --model NAME for the base model")
+    gen = generation_kwargs(args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    loaded = load_for_inference(args.run_dir, args.model, args.trust_remote_code)
+    seed = args.seed if args.seed is not None else (0 if args.mode == "sample" else None)
+    if args.question:
+        print(f"[{loaded.description}, {args.mode}]", file=sys.stderr)
+        answer(loaded, args.question, gen, args.system_prompt, stream=sys.stdout, seed=seed)
+        return 0
+    chat_repl(loaded, gen, args.system_prompt, seed=args.seed)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from pathlib import Path
+
+    from .generate import is_run_dir, load_for_inference
+    from .train import merge_and_save
+
+    if not is_run_dir(Path(args.run_dir)):
+        raise MedloraError(f"{args.run_dir}: not a medlora run (no adapter/ and config.yaml)")
+    loaded = load_for_inference(args.run_dir)
+    out = merge_and_save(loaded.model, loaded.tokenizer, Path(args.run_dir) / "merged_model")
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parse_args(parser, argv)
+        if args.command == "train":
+            from .train import run
+
+            run(build_config(args))
+            return 0
+        if args.command == "data" and args.data_command == "check":
+            return cmd_data_check(args)
+        if args.command == "chat":
+            return cmd_chat(args)
+        if args.command == "merge":
+            return cmd_merge(args)
+        (parser if args.command != "data" else parser._subparsers._group_actions[0].choices["data"]).print_help()
+        return 2
+    except MedloraError as e:
+        print(f"medlora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nmedlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

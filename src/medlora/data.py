@@ -1,0 +1,212 @@
+"""CSV loading and validation, train/eval split, chat formatting with answer-only labels, collation.
+
+The CSV is read and validated before any model is loaded, so bad input fails in seconds.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import MedloraError
+
+COLUMNS = ("qtype", "Question", "Answer")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DataReport:
+    path: str
+    rows_read: int = 0
+    dropped_empty: int = 0
+    qtype_counts: dict = field(default_factory=dict)
+
+    @property
+    def rows_kept(self) -> int:
+        return self.rows_read - self.dropped_empty
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    if b"\x00" in raw[:65536]:
+        raise MedloraError(f"{path}: not a text CSV file (contains NUL bytes; is it a spreadsheet or archive?)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise MedloraError(
+            f"{path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} on line {line}); "
+            "save the CSV as UTF-8"
+        ) from None
+
+
+def load_qa_csv(path: str | Path) -> tuple[pd.DataFrame, DataReport]:
+    """Read a qtype/Question/Answer CSV. Raises MedloraError with one clear line on bad input."""
+    path = Path(path)
+    if not path.exists():
+        raise MedloraError(f"{path}: file not found")
+    if not path.is_file():
+        raise MedloraError(f"{path}: not a file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise MedloraError(f"{path}: cannot read file ({e.strerror})") from None
+    text = _decode(path, raw)
+    if not text.strip():
+        raise MedloraError(f"{path}: file is empty")
+    header = text.lstrip().splitlines()[0]
+    if "," not in header:
+        for sep, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe")):
+            if sep in header:
+                raise MedloraError(
+                    f"{path}: looks {name}-separated; medlora expects a comma-separated CSV "
+                    f"with columns {', '.join(COLUMNS)}"
+                )
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skip_blank_lines=True)
+    except pd.errors.EmptyDataError:
+        raise MedloraError(f"{path}: file is empty") from None
+    except pd.errors.ParserError as e:
+        raise MedloraError(f"{path}: malformed CSV ({str(e).strip()})") from None
+
+    # Forgive case and surrounding spaces in header names; keep extra columns out of the way.
+    by_key = {str(c).strip().lower(): c for c in df.columns}
+    missing = [c for c in COLUMNS if c.lower() not in by_key]
+    if missing:
+        raise MedloraError(
+            f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))[:200]}); "
+            f"expected {', '.join(COLUMNS)}"
+        )
+    df = df[[by_key[c.lower()] for c in COLUMNS]]
+    df.columns = list(COLUMNS)
+    report = DataReport(path=str(path), rows_read=len(df))
+    if len(df) == 0:
+        raise MedloraError(f"{path}: no data rows below the header")
+
+    for col in COLUMNS:
+        df[col] = df[col].astype(str).str.strip()
+    empty = (df["Question"] == "") | (df["Answer"] == "")
+    report.dropped_empty = int(empty.sum())
+    df = df[~empty].reset_index(drop=True)
+    if len(df) == 0:
+        raise MedloraError(f"{path}: no usable rows (all {report.rows_read} rows have an empty Question or Answer)")
+    df.loc[df["qtype"] == "", "qtype"] = "unknown"
+    report.qtype_counts = {str(k): int(v) for k, v in df["qtype"].value_counts().items()}
+    return df, report
+
+
+def split(df: pd.DataFrame, test_size: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Deterministic shuffled split (same rows for the same file, test_size and seed)."""
+    # datasets.Dataset.train_test_split would do the same, but needs a pyarrow round trip of the whole
+    # CSV; a seeded permutation gives the identical guarantee in two lines.
+    n_eval = int(np.ceil(len(df) * test_size))
+    if n_eval < 1 or len(df) - n_eval < 1:
+        raise MedloraError(
+            f"cannot split {len(df)} usable rows with test_size={test_size}: need at least one train and one eval row"
+        )
+    order = np.random.default_rng(seed).permutation(len(df))
+    return (df.iloc[order[n_eval:]].reset_index(drop=True), df.iloc[order[:n_eval]].reset_index(drop=True))
+
+
+def chat_messages(system_prompt: str, question: str, answer: str | None = None) -> list[dict]:
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def prompt_text(tokenizer, system_prompt: str, question: str) -> str:
+    """Exactly the text the model sees at inference time, ending where the answer starts."""
+    return tokenizer.apply_chat_template(
+        chat_messages(system_prompt, question), tokenize=False, add_generation_prompt=True
+    )
+
+
+def encode_example(tokenizer, system_prompt: str, question: str, answer: str, max_seq_len: int) -> dict:
+    """Tokenise one QA pair with answer-only labels.
+
+    Returns input_ids/attention_mask/labels, plus ``truncated`` (bool) and ``prompt_len``; returns
+    ``None`` when the prompt alone leaves no room for an answer token.
+
+    The prompt and the answer are tokenised separately so the prompt tokens are exactly those seen
+    at inference. Labels are -100 on the prompt and on template whitespace after the end-of-turn
+    token; the end-of-turn token itself stays in the loss even when pad == eos, or the model never
+    learns to stop.
+    """
+    prompt = prompt_text(tokenizer, system_prompt, question)
+    full = tokenizer.apply_chat_template(chat_messages(system_prompt, question, answer), tokenize=False)
+    if not full.startswith(prompt):
+        raise MedloraError("the model's chat template renders the prompt differently with and without the answer; "
+                           "answer-only masking needs a template whose prompt is a prefix of the full conversation")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    last_special = max((i for i, t in enumerate(answer_ids) if t in special), default=len(answer_ids) - 1)
+    answer_labels = answer_ids[: last_special + 1] + [IGNORE_INDEX] * (len(answer_ids) - last_special - 1)
+
+    if len(prompt_ids) >= max_seq_len:
+        return None
+    room = max_seq_len - len(prompt_ids)
+    truncated = len(answer_ids) > room
+    input_ids = prompt_ids + answer_ids[:room]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + answer_labels[:room]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": [1] * len(input_ids),
+        "labels": labels,
+        "truncated": truncated,
+        "prompt_len": len(prompt_ids),
+        "full_len": len(prompt_ids) + len(answer_ids),
+    }
+
+
+@dataclass
+class EncodedSplit:
+    examples: list[dict]
+    skipped_long_prompt: int = 0
+    truncated: int = 0
+
+    def features(self) -> list[dict]:
+        """What the collator needs (drops the bookkeeping keys)."""
+        keep = ("input_ids", "attention_mask", "labels")
+        return [{k: ex[k] for k in keep} for ex in self.examples]
+
+
+def encode_frame(tokenizer, df: pd.DataFrame, system_prompt: str, max_seq_len: int, progress: bool = False) -> EncodedSplit:
+    out = EncodedSplit(examples=[])
+    rows = zip(df["Question"], df["Answer"])
+    if progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, total=len(df), desc="tokenizing", unit="row", leave=False)
+    for question, answer in rows:
+        ex = encode_example(tokenizer, system_prompt, question, answer, max_seq_len)
+        if ex is None:
+            out.skipped_long_prompt += 1
+            continue
+        out.truncated += ex["truncated"]
+        out.examples.append(ex)
+    return out
+
+
+def make_collator(tokenizer):
+    """Right-pads input_ids with the pad token and labels with -100 (pad positions never count)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+
+
+def length_stats(encoded: EncodedSplit, max_seq_len: int) -> dict:
+    lengths = np.array([ex["full_len"] for ex in encoded.examples] or [0])
+    pct = {f"p{p}": int(np.percentile(lengths, p)) for p in (50, 90, 95, 99)}
+    n = len(encoded.examples) + encoded.skipped_long_prompt
+    return {
+        "tokens": {**pct, "max": int(lengths.max()), "mean": round(float(lengths.mean()), 1)},
+        "max_seq_len": max_seq_len,
+        "truncated_answers": encoded.truncated,
+        "truncated_rate": round(encoded.truncated / n, 4) if n else 0.0,
+        "skipped_long_prompt": encoded.skipped_long_prompt,
+    }

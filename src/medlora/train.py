@@ -1,0 +1,323 @@
+"""`medlora train`: the specification's CPU LoRA recipe (data -> LoRA -> HF Trainer -> run folder)."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import MedloraError, TrainConfig, save_config
+from .data import encode_frame, load_qa_csv, make_collator, split
+from .model import find_lora_targets, load_model, load_tokenizer, resolve_model
+
+
+def log(msg: str) -> None:
+    print(f"medlora: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- compatibility helpers
+
+# Some arguments were renamed across transformers releases: the first name the installed
+# TrainingArguments accepts wins (transformers 5 folded warmup_ratio into a float warmup_steps,
+# and renamed gradient_checkpointing to activation_checkpointing and no_cuda to use_cpu).
+RENAMED = {
+    "warmup_ratio": ("warmup_ratio", "warmup_steps"),
+    "gradient_checkpointing": ("activation_checkpointing", "gradient_checkpointing"),
+    "gradient_checkpointing_kwargs": ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"),
+    "use_cpu": ("use_cpu", "no_cuda"),
+}
+
+
+def filter_training_kwargs(kwargs: dict, accepted: set[str] | None = None) -> tuple[dict, list[str]]:
+    """Keep only the kwargs the installed TrainingArguments accepts; return (kept, dropped names)."""
+    if accepted is None:
+        from transformers import TrainingArguments
+
+        accepted = set(inspect.signature(TrainingArguments.__init__).parameters) - {"self"}
+    kept, dropped = {}, []
+    for key, value in kwargs.items():
+        name = next((n for n in RENAMED.get(key, (key,)) if n in accepted), None)
+        if name is None:
+            dropped.append(key)
+        else:
+            kept[name] = value
+    return kept, dropped
+
+
+def unique_output_dir(path: str | Path) -> Path:
+    """The path itself if absent or empty, else a timestamped sibling (never overwrite a run)."""
+    path = Path(path)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return path
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate = path.with_name(f"{path.name}-{stamp}")
+    n = 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{stamp}-{n}")
+    return candidate
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_dir(final: Path, write) -> Path:
+    """Call write(tmp_dir), then rename into place, so readers never see a half-written folder."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+# ---------------------------------------------------------------- progress
+
+def progress_callback():
+    """Trainer's progress bar counts optimizer steps, which are 16 samples (minutes) apart on a CPU.
+    This one counts samples, with ETA, tokens/s and the latest loss."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class SampleProgress(TrainerCallback):
+        def __init__(self):
+            self.bar = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.bar = tqdm(total=state.max_steps * args.gradient_accumulation_steps, unit="sample",
+                            desc="training", dynamic_ncols=True, file=sys.stderr)
+            self.start, self.tokens0 = time.time(), state.num_input_tokens_seen
+
+        def _tick(self, state):
+            self.bar.update(1)
+            elapsed = max(time.time() - self.start, 1e-9)
+            tps = (state.num_input_tokens_seen - self.tokens0) / elapsed
+            loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
+            post = {"step": f"{state.global_step}/{state.max_steps}", "tok/s": f"{tps:.1f}"}
+            if loss is not None:
+                post["loss"] = f"{loss:.4f}"
+            self.bar.set_postfix(post, refresh=False)
+
+        def on_substep_end(self, args, state, control, **kw):
+            self._tick(state)
+
+        def on_step_end(self, args, state, control, **kw):
+            self._tick(state)
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+
+    return SampleProgress()
+
+
+# ---------------------------------------------------------------- artifacts
+
+def plot_loss_curve(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", marker="." if len(train) < 50 else None)
+    if evals:
+        ax.plot(*zip(*evals), "o--", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.set_title("medlora training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def merge_and_save(peft_model, tokenizer, out: Path) -> Path:
+    """Fold the LoRA weights into the base weights and save a plain HF model folder."""
+    merged = peft_model.merge_and_unload()
+
+    def write(tmp):
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return atomic_dir(out, write)
+
+
+# ---------------------------------------------------------------- the recipe
+
+def prepare_data(cfg: TrainConfig, tokenizer):
+    df, report = load_qa_csv(cfg.data)
+    train_df, eval_df = split(df, cfg.test_size, cfg.seed)
+    if cfg.max_train_samples:
+        train_df = train_df.iloc[: cfg.max_train_samples]
+    if cfg.max_eval_samples:
+        eval_df = eval_df.iloc[: cfg.max_eval_samples]
+    train = encode_frame(tokenizer, train_df, cfg.system_prompt, cfg.max_seq_len, progress=len(train_df) > 2000)
+    evals = encode_frame(tokenizer, eval_df, cfg.system_prompt, cfg.max_seq_len)
+    if not train.examples:
+        raise MedloraError(f"{cfg.data}: no training row fits max_seq_len={cfg.max_seq_len} (every prompt is longer)")
+    if not evals.examples:
+        raise MedloraError(f"{cfg.data}: no eval row fits max_seq_len={cfg.max_seq_len}")
+    return report, train, evals
+
+
+def run(cfg: TrainConfig) -> Path:
+    if not cfg.data:
+        raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
+    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.trainer_callback import ProgressCallback
+    import peft
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    # 1. everything that can fail on user input, before the model is loaded
+    load_qa_csv(cfg.data)  # fast fail on a bad CSV before even resolving the model
+    source = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    report, train, evals = prepare_data(cfg, tokenizer)
+    log(f"data: {report.rows_kept} usable rows ({report.dropped_empty} dropped: empty question/answer); "
+        f"train {len(train.examples)}, eval {len(evals.examples)}; "
+        f"{train.truncated + evals.truncated} answers truncated at {cfg.max_seq_len} tokens; "
+        f"{train.skipped_long_prompt + evals.skipped_long_prompt} rows skipped (prompt too long)")
+
+    # 2. CPU settings and seeds
+    torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+    set_seed(cfg.seed)  # python, numpy, torch
+
+    # 3. model + LoRA
+    model = load_model(source, cfg.trust_remote_code)
+    model.config.use_cache = False
+    targets = cfg.target_modules or find_lora_targets(model)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      bias="none", task_type="CAUSAL_LM", target_modules=targets)
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as e:
+        raise MedloraError(f"LoRA setup failed for target_modules={targets}: {str(e).splitlines()[0]}") from None
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"LoRA on {', '.join(targets)}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.3f}%)")
+
+    # 4. run folder (created only now: bad input never leaves one behind)
+    out = unique_output_dir(cfg.output_dir)
+    if str(out) != str(Path(cfg.output_dir)):
+        log(f"{cfg.output_dir} exists and is not empty; writing to {out} instead")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    wanted = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=1,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        warmup_ratio=cfg.warmup_ratio,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        optim=cfg.optim,
+        logging_steps=cfg.logging_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        fp16=False,
+        bf16=False,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="all",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        disable_tqdm=False,
+    )
+    kwargs, dropped = filter_training_kwargs(wanted)
+    if dropped:
+        log(f"transformers {transformers.__version__} TrainingArguments does not accept {', '.join(dropped)}; ignored")
+    args = TrainingArguments(**kwargs)
+    trainer = Trainer(model=model, args=args, train_dataset=train.features(), eval_dataset=evals.features(),
+                      data_collator=make_collator(tokenizer), processing_class=tokenizer)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress_callback())
+
+    # 5. base eval loss (LoRA B starts at zero, so this is exactly the base model), train, eval
+    log(f"evaluating the base model on {len(evals.examples)} eval rows")
+    base = trainer.evaluate(metric_key_prefix="base_eval")
+    started = time.time()
+    result = trainer.train()
+    train_seconds = time.time() - started
+    log(f"evaluating the fine-tuned model on {len(evals.examples)} eval rows")
+    final = trainer.evaluate()
+
+    # 6. artifacts
+    atomic_dir(out / "adapter", lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    trainer.save_state()
+    tokens = trainer.state.num_input_tokens_seen
+    metrics = {
+        "train_loss": result.training_loss,
+        "train_steps": trainer.state.global_step,
+        "train_samples": trainer.state.global_step * cfg.gradient_accumulation_steps * cfg.per_device_train_batch_size,
+        "train_seconds": round(train_seconds, 2),
+        "train_tokens": tokens,
+        "train_tokens_per_second": round(tokens / train_seconds, 2) if train_seconds else None,
+        "eval_loss": final["eval_loss"],
+        "eval_perplexity": math.exp(min(final["eval_loss"], 50)),
+        "base_eval_loss": base["base_eval_loss"],
+        "base_eval_perplexity": math.exp(min(base["base_eval_loss"], 50)),
+        "eval_rows": len(evals.examples),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    info = {
+        "medlora_version": __version__,
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "model": cfg.model,
+        "model_source": source,
+        "data": str(Path(cfg.data).resolve()),
+        "data_sha256": file_sha256(cfg.data),
+        "data_rows_read": report.rows_read,
+        "data_rows_dropped_empty": report.dropped_empty,
+        "train_rows": len(train.examples),
+        "eval_rows": len(evals.examples),
+        "truncated_answers": train.truncated + evals.truncated,
+        "skipped_long_prompt": train.skipped_long_prompt + evals.skipped_long_prompt,
+        "target_modules": list(targets),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "training_arguments_dropped": dropped,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "torch_threads": torch.get_num_threads(),
+    }
+    (out / "run_info.json").write_text(json.dumps(info, indent=2))
+    plot_loss_curve(trainer.state.log_history, out / "loss_curve.png")
+    if cfg.merge_model:
+        log("merging the adapter into the base weights")
+        merge_and_save(model, tokenizer, out / "merged_model")
+
+    log(f"eval loss {base['base_eval_loss']:.4f} (base) -> {final['eval_loss']:.4f} (fine-tuned); "
+        f"{metrics['train_tokens_per_second']} tokens/s")
+    log(f"done: {out}")
+    print(out)
+    return out
