@@ -49,3 +49,16 @@ def write(path: Path, content: str | bytes) -> Path:
     else:
         path.write_text(content, encoding="utf-8", newline="")
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, sample_csv, smol_dir):
+    """One real run of the bundled model on the bundled sample (30 steps, merged), shared by the slow tests."""
+    from medlora.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "sample"
+    code = main(["train", "--data", str(sample_csv), "--model", "smollm2-135m", "--output_dir", str(out),
+                 "--max_steps", "30", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-4",
+                 "--test_size", "0.1", "--max_eval_samples", "0", "--merge_model"])
+    assert code == 0
+    return out

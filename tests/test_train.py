@@ -14,16 +14,6 @@ from medlora.config import build_config
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, sample_csv, smol_dir):
-    out = tmp_path_factory.mktemp("runs") / "sample"
-    code = main(["train", "--data", str(sample_csv), "--model", "smollm2-135m", "--output_dir", str(out),
-                 "--max_steps", "30", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-4",
-                 "--test_size", "0.1", "--max_eval_samples", "0", "--merge_model"])
-    assert code == 0
-    return out
-
-
 def test_run_folder_artifacts(trained_run):
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
                  "adapter/chat_template.jinja", "trainer_state.json", "metrics.json", "config.yaml",

@@ -181,49 +181,24 @@ def prepare_data(cfg: TrainConfig, tokenizer):
     return report, train, evals
 
 
-def run(cfg: TrainConfig) -> Path:
-    if not cfg.data:
-        raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
-    from transformers import Trainer, TrainingArguments, set_seed
-    from transformers.trainer_callback import ProgressCallback
-    import peft
-    import transformers
+def apply_lora(cfg: TrainConfig, model):
+    """Wrap a base model with the run's LoRA config; returns (peft_model, target names)."""
     from peft import LoraConfig, get_peft_model
 
-    # 1. everything that can fail on user input, before the model is loaded
-    load_qa_csv(cfg.data)  # fast fail on a bad CSV before even resolving the model
-    source = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
-    report, train, evals = prepare_data(cfg, tokenizer)
-    log(f"data: {report.rows_kept} usable rows ({report.dropped_empty} dropped: empty question/answer); "
-        f"train {len(train.examples)}, eval {len(evals.examples)}; "
-        f"{train.truncated + evals.truncated} answers truncated at {cfg.max_seq_len} tokens; "
-        f"{train.skipped_long_prompt + evals.skipped_long_prompt} rows skipped (prompt too long)")
-
-    # 2. CPU settings and seeds
-    torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
-    set_seed(cfg.seed)  # python, numpy, torch
-
-    # 3. model + LoRA
-    model = load_model(source, cfg.trust_remote_code)
     model.config.use_cache = False
     targets = cfg.target_modules or find_lora_targets(model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       bias="none", task_type="CAUSAL_LM", target_modules=targets)
     try:
-        model = get_peft_model(model, lora)
+        return get_peft_model(model, lora), list(targets)
     except ValueError as e:
         raise MedloraError(f"LoRA setup failed for target_modules={targets}: {str(e).splitlines()[0]}") from None
-    trainable, total = model.get_nb_trainable_parameters()
-    log(f"LoRA on {', '.join(targets)}: {trainable:,} trainable of {total:,} parameters "
-        f"({100 * trainable / total:.3f}%)")
 
-    # 4. run folder (created only now: bad input never leaves one behind)
-    out = unique_output_dir(cfg.output_dir)
-    if str(out) != str(Path(cfg.output_dir)):
-        log(f"{cfg.output_dir} exists and is not empty; writing to {out} instead")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+
+def training_arguments(cfg: TrainConfig, out: Path):
+    """The specification's TrainingArguments, filtered against the installed transformers."""
+    import transformers
+    from transformers import TrainingArguments
 
     wanted = dict(
         output_dir=str(out),
@@ -257,11 +232,58 @@ def run(cfg: TrainConfig) -> Path:
     kwargs, dropped = filter_training_kwargs(wanted)
     if dropped:
         log(f"transformers {transformers.__version__} TrainingArguments does not accept {', '.join(dropped)}; ignored")
-    args = TrainingArguments(**kwargs)
-    trainer = Trainer(model=model, args=args, train_dataset=train.features(), eval_dataset=evals.features(),
+    return TrainingArguments(**kwargs), dropped
+
+
+def build_trainer(cfg: TrainConfig, model, tokenizer, train_features: list[dict], eval_features: list[dict] | None,
+                  out: Path, progress: bool = True):
+    """HF Trainer with medlora's data collator and progress bar. Returns (trainer, dropped kwargs)."""
+    from transformers import Trainer
+    from transformers.trainer_callback import ProgressCallback
+
+    args, dropped = training_arguments(cfg, out)
+    trainer = Trainer(model=model, args=args, train_dataset=train_features, eval_dataset=eval_features,
                       data_collator=make_collator(tokenizer), processing_class=tokenizer)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(progress_callback())
+    if progress:
+        trainer.add_callback(progress_callback())
+    return trainer, dropped
+
+
+def run(cfg: TrainConfig) -> Path:
+    if not cfg.data:
+        raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
+    import peft
+    import transformers
+    from transformers import set_seed
+
+    # 1. everything that can fail on user input, before the model is loaded
+    load_qa_csv(cfg.data)  # fast fail on a bad CSV before even resolving the model
+    source = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    report, train, evals = prepare_data(cfg, tokenizer)
+    log(f"data: {report.rows_kept} usable rows ({report.dropped_empty} dropped: empty question/answer); "
+        f"train {len(train.examples)}, eval {len(evals.examples)}; "
+        f"{train.truncated + evals.truncated} answers truncated at {cfg.max_seq_len} tokens; "
+        f"{train.skipped_long_prompt + evals.skipped_long_prompt} rows skipped (prompt too long)")
+
+    # 2. CPU settings and seeds
+    torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+    set_seed(cfg.seed)  # python, numpy, torch
+
+    # 3. model + LoRA
+    model, targets = apply_lora(cfg, load_model(source, cfg.trust_remote_code))
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"LoRA on {', '.join(targets)}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.3f}%)")
+
+    # 4. run folder (created only now: bad input never leaves one behind)
+    out = unique_output_dir(cfg.output_dir)
+    if str(out) != str(Path(cfg.output_dir)):
+        log(f"{cfg.output_dir} exists and is not empty; writing to {out} instead")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    trainer, dropped = build_trainer(cfg, model, tokenizer, train.features(), evals.features(), out)
 
     # 5. base eval loss (LoRA B starts at zero, so this is exactly the base model), train, eval
     log(f"evaluating the base model on {len(evals.examples)} eval rows")
