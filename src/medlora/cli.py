@@ -1,4 +1,4 @@
-"""`medlora` command: train, data check, chat, merge.
+"""`medlora` command: train, data check, chat, eval, merge.
 
 Arguments are parsed with ``parse_known_args`` so the ``-f kernel.json`` that Jupyter appends is
 ignored; any other unknown option is still an error (a typo must not silently train with a default).
@@ -10,10 +10,11 @@ import argparse
 import difflib
 import json
 import os
+import random
 import sys
 import warnings
 
-from .config import DEFAULT_MODEL, MedloraError, add_config_arguments, build_config
+from .config import DEFAULT_MODEL, Interrupted, MedloraError, add_config_arguments, build_config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Deprecation chatter from transformers/peft internals is noise to our users, not something they can act on.
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser("train", help="fine-tune a model with LoRA on a qtype/Question/Answer CSV")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR from its newest complete checkpoint, with its saved configuration")
     add_config_arguments(train)
 
     data = sub.add_parser("data", help="inspect a dataset")
@@ -84,9 +87,43 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system_prompt", "--system-prompt", default=None)
     chat.add_argument("--trust_remote_code", action="store_true")
 
+    ev = sub.add_parser("eval", help="compare a run with its base model: eval loss, ROUGE-L, answers side by side")
+    ev.add_argument("run_dir", help="run folder written by medlora train")
+    ev.add_argument("--data", help="evaluate on this CSV (same columns) instead of the run's own split")
+    ev.add_argument("--samples", type=int, default=20,
+                    help="rows per split to answer for ROUGE-L and the side-by-side (default: %(default)s; 0: none)")
+    ev.add_argument("--max_new_tokens", "--max-new-tokens", type=int, help="answer length cap (default: 256)")
+    ev.add_argument("--max_eval_samples", "--max-eval-samples", type=int,
+                    help="eval rows for loss/perplexity (default: the run's setting; 0: all)")
+    ev.add_argument("--show", type=int, default=5, help="side-by-side answers in the report (default: %(default)s)")
+    ev.add_argument("--model", help="base model to put the adapter on (default: the run's)")
+
     merge = sub.add_parser("merge", help="write RUN_DIR/merged_model/ (base weights with the LoRA folded in)")
     merge.add_argument("run_dir")
     return parser
+
+
+def resume_config(args):
+    """The saved configuration of RUN_DIR; options given again must agree with it."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from .config import TrainConfig, load_yaml
+
+    saved_file = Path(args.resume) / "config.yaml"
+    if not saved_file.is_file():
+        raise MedloraError(f"{args.resume}: not a medlora run folder (no config.yaml)")
+    saved = build_config(yaml_path=str(saved_file))
+    given = build_config(args)
+    explicit = {f.name for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    explicit |= set(load_yaml(args.config)) if args.config else set()
+    explicit.discard("output_dir")  # the run folder is RUN_DIR
+    differ = [f"{k} (saved {getattr(saved, k)!r}, given {getattr(given, k)!r})"
+              for k in sorted(explicit) if getattr(given, k) != getattr(saved, k)]
+    if differ:
+        raise MedloraError("--resume: these options differ from the run's saved configuration: "
+                           + "; ".join(differ) + ". Drop them, or start a new run")
+    return saved
 
 
 def cmd_data_check(args) -> int:
@@ -133,12 +170,25 @@ def cmd_chat(args) -> int:
     gen = generation_kwargs(args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty)
     loaded = load_for_inference(args.run_dir, args.model, args.trust_remote_code)
-    seed = args.seed if args.seed is not None else (0 if args.mode == "sample" else None)
+    seed = args.seed
+    if args.mode == "sample" and seed is None:  # a fresh seed, shown so the answer can be reproduced
+        seed = random.SystemRandom().randrange(2**31)
+    mode = f"{args.mode}, seed {seed}" if args.mode == "sample" else args.mode
     if args.question:
-        print(f"[{loaded.description}, {args.mode}]", file=sys.stderr)
+        print(f"[{loaded.description}, {mode}]", file=sys.stderr)
         answer(loaded, args.question, gen, args.system_prompt, stream=sys.stdout, seed=seed)
         return 0
-    chat_repl(loaded, gen, args.system_prompt, seed=args.seed)
+    print(f"[{mode}]", file=sys.stderr)
+    chat_repl(loaded, gen, args.system_prompt, seed=seed)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_run
+
+    out = evaluate_run(args.run_dir, data=args.data, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                       max_eval_samples=args.max_eval_samples, show=args.show, model=args.model)
+    print(out / "report.html")
     return 0
 
 
@@ -163,16 +213,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .train import run
 
-            run(build_config(args))
+            if args.resume:
+                run(resume_config(args), resume=args.resume)
+            else:
+                run(build_config(args))
             return 0
         if args.command == "data" and args.data_command == "check":
             return cmd_data_check(args)
         if args.command == "chat":
             return cmd_chat(args)
+        if args.command == "eval":
+            return cmd_eval(args)
         if args.command == "merge":
             return cmd_merge(args)
         (parser if args.command != "data" else parser._subparsers._group_actions[0].choices["data"]).print_help()
         return 2
+    except Interrupted as e:
+        print(f"medlora: {e}", file=sys.stderr)
+        return 130
     except MedloraError as e:
         print(f"medlora: error: {e}", file=sys.stderr)
         return 2

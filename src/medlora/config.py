@@ -32,6 +32,10 @@ class MedloraError(Exception):
     """An error caused by the user's input; the CLI prints it as one line and exits with code 2."""
 
 
+class Interrupted(MedloraError):
+    """Ctrl-C during training, after a resumable checkpoint was saved (the CLI exits with code 130)."""
+
+
 @dataclass
 class TrainConfig:
     # A) data, formatting and objective
@@ -67,9 +71,13 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     dataloader_num_workers: int = 0
     num_threads: int | None = None  # None: os.cpu_count()
+    # checkpoints (a step is 16 samples: ~15-30 min between saves with the default model on 2 cores)
+    save_steps: int = 2
+    save_total_limit: int = 2
     # artifacts and safety
     merge_model: bool = False
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False  # read .bin (pickle) weights; only for sources you trust
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,6 +92,9 @@ HELP = {
     "max_eval_samples": "evaluate on at most this many eval rows (0 or less: all)",
     "num_threads": "torch CPU threads (default: all cores)",
     "merge_model": "also write <output_dir>/merged_model/ with the LoRA weights merged in",
+    "save_steps": "save a resumable checkpoint every N optimizer steps",
+    "save_total_limit": "keep only the newest N checkpoints",
+    "allow_pickle_weights": "allow loading .bin (pickle) model weights; only for sources you trust",
 }
 
 
@@ -201,6 +212,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.logging_steps >= 1, "logging_steps must be >= 1"),
         (cfg.dataloader_num_workers >= 0, "dataloader_num_workers must be >= 0"),
         (cfg.num_threads is None or cfg.num_threads >= 1, "num_threads must be >= 1"),
+        (cfg.save_steps >= 1, "save_steps must be >= 1"),
+        (cfg.save_total_limit >= 1, "save_total_limit must be >= 1"),
         (cfg.lr_scheduler_type in CHOICES["lr_scheduler_type"],
          f"lr_scheduler_type must be one of {', '.join(CHOICES['lr_scheduler_type'])}"),
         (bool(cfg.system_prompt.strip()), "system_prompt must not be empty"),

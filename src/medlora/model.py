@@ -123,13 +123,20 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(source: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+def load_model(source: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+               allow_pickle_weights: bool = False):
+    """Load in fp32 on the CPU. Weights come from safetensors only, unless the user opts in to pickle
+    (.bin) files, which can run arbitrary code when unpickled."""
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=None if allow_pickle_weights else True)
     except OSError as e:
-        raise MedloraError(f"cannot load model from '{source}': {str(e).splitlines()[0]}") from None
+        hint = ""
+        if not allow_pickle_weights and "safetensors" in str(e).lower():
+            hint = " (only .bin pickle weights? pass --allow_pickle_weights if you trust the source)"
+        raise MedloraError(f"cannot load model from '{source}': {str(e).splitlines()[0]}{hint}") from None
     return model.to("cpu")
 
 

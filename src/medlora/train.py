@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import MedloraError, TrainConfig, save_config
+from .config import Interrupted, MedloraError, TrainConfig, save_config
 from .data import encode_frame, load_qa_csv, make_collator, split
 from .model import find_lora_targets, load_model, load_tokenizer, resolve_model
 
@@ -87,17 +87,164 @@ def atomic_dir(final: Path, write) -> Path:
     return final
 
 
+# ---------------------------------------------------------------- checkpoints and interruption
+
+COMPLETE = "medlora_complete.json"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def mark_complete(checkpoint: Path) -> None:
+    """Record every file's size once the Trainer has finished writing the checkpoint."""
+    sizes = {str(p.relative_to(checkpoint)): p.stat().st_size
+             for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != COMPLETE}
+    write_json_atomic(checkpoint / COMPLETE, {"files": sizes})
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """A checkpoint counts only if its marker exists and every listed file still has its recorded size
+    (a process killed while writing leaves no marker, or files that no longer match)."""
+    try:
+        sizes = json.loads((checkpoint / COMPLETE).read_text())["files"]
+        return bool(sizes) and all((checkpoint / f).stat().st_size == n for f, n in sizes.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoint-N folders, newest first."""
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
+def latest_complete_checkpoint(run_dir: Path) -> Path | None:
+    for ckpt in checkpoints(run_dir):
+        if is_complete(ckpt):
+            return ckpt
+        log(f"skipping incomplete checkpoint {ckpt.name} (the process was stopped while writing it)")
+    return None
+
+
+class Interrupt:
+    """First Ctrl-C: finish the current sample, save a checkpoint, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        import signal
+
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+        log("Ctrl-C: saving a checkpoint after the current sample (press Ctrl-C again to quit without saving)")
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        import threading
+
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def checkpoint_callback(interrupt: Interrupt):
+    """Marks checkpoints complete, saves one at the end, and turns Ctrl-C into save-and-stop."""
+    from transformers import TrainerCallback
+
+    class CheckpointGuard(TrainerCallback):
+        rng = None  # RNG states at the last optimizer step (what a checkpoint of that step must hold)
+
+        def on_step_end(self, args, state, control, **kw):
+            self.rng = _rng_snapshot()
+            if state.global_step >= state.max_steps:
+                control.should_save = True
+            if interrupt.requested:
+                control.should_save = control.should_training_stop = True
+
+        def on_substep_end(self, args, state, control, **kw):
+            if interrupt.requested:  # mid-accumulation: stop now; run() saves the last completed step
+                control.should_training_stop = True
+
+        def on_save(self, args, state, control, **kw):
+            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return CheckpointGuard()
+
+
+def _rng_snapshot() -> dict:
+    import random
+
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+
+
+def _rng_restore(snapshot: dict | None) -> None:
+    import random
+
+    import numpy as np
+
+    if snapshot:
+        random.setstate(snapshot["python"])
+        np.random.set_state(snapshot["numpy"])
+        torch.random.set_rng_state(snapshot["cpu"])
+
+
+def save_interrupted_checkpoint(trainer, guard) -> Path:
+    """Checkpoint the last completed optimizer step after a Ctrl-C mid-accumulation. The weights,
+    optimizer and scheduler have not moved since that step; the RNG has, so it is rewound first."""
+    ckpt = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    if not is_complete(ckpt):
+        _rng_restore(guard.rng)
+        trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's own checkpoint writer
+        mark_complete(ckpt)
+    return ckpt
+
+
+def check_output_location(path: Path, need_bytes: int = 0) -> None:
+    """Fail before training if the run folder cannot be written or the disk is too full."""
+    import tempfile
+
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise MedloraError(f"cannot create output_dir {path}: {probe} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".medlora-write-test")
+        os.close(fd)
+        os.remove(name)
+    except OSError as e:
+        raise MedloraError(f"cannot write to output_dir {path} ({e.strerror})") from None
+    free = shutil.disk_usage(probe).free
+    if need_bytes and free < need_bytes:
+        raise MedloraError(f"not enough free disk for {path}: need about {need_bytes / 1e9:.1f} GB for checkpoints "
+                           f"and artifacts, {free / 1e9:.1f} GB free")
+
+
 # ---------------------------------------------------------------- progress
 
 def progress_callback():
     """Trainer's progress bar counts optimizer steps, which are 16 samples (minutes) apart on a CPU.
-    This one counts samples, with ETA, tokens/s and the latest loss."""
+    This one counts samples, with ETA, tokens/s and the latest loss, and shows evaluation progress."""
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
     class SampleProgress(TrainerCallback):
         def __init__(self):
-            self.bar = None
+            self.bar = self.eval_bar = None
 
         def on_train_begin(self, args, state, control, **kw):
             self.bar = tqdm(total=state.max_steps * args.gradient_accumulation_steps, unit="sample",
@@ -123,6 +270,18 @@ def progress_callback():
         def on_train_end(self, args, state, control, **kw):
             if self.bar is not None:
                 self.bar.close()
+
+        # evaluation: one forward pass per eval row, minutes on a CPU, so it gets a bar too
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
+            if self.eval_bar is None:
+                self.eval_bar = tqdm(total=len(eval_dataloader), unit="row", desc="evaluating", leave=False,
+                                     dynamic_ncols=True, file=sys.stderr)
+            self.eval_bar.update(1)
+
+        def on_evaluate(self, args, state, control, **kw):
+            if self.eval_bar is not None:
+                self.eval_bar.close()
+            self.eval_bar = None
 
     return SampleProgress()
 
@@ -213,7 +372,9 @@ def training_arguments(cfg: TrainConfig, out: Path):
         lr_scheduler_type=cfg.lr_scheduler_type,
         optim=cfg.optim,
         logging_steps=cfg.logging_steps,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
         eval_strategy="no",
         report_to="none",
         use_cpu=True,
@@ -250,7 +411,8 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_features: list[dict]
     return trainer, dropped
 
 
-def run(cfg: TrainConfig) -> Path:
+def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
+    """Train (or, with ``resume``, continue the run in that folder); returns the run folder."""
     if not cfg.data:
         raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
     import peft
@@ -259,6 +421,16 @@ def run(cfg: TrainConfig) -> Path:
 
     # 1. everything that can fail on user input, before the model is loaded
     load_qa_csv(cfg.data)  # fast fail on a bad CSV before even resolving the model
+    out = Path(resume) if resume else unique_output_dir(cfg.output_dir)
+    check_output_location(out)
+    resume_from = None
+    if resume:
+        info = json.loads((out / "run_info.json").read_text()) if (out / "run_info.json").is_file() else {}
+        if info.get("data_sha256") and info["data_sha256"] != file_sha256(cfg.data):
+            raise MedloraError(f"{cfg.data} changed since this run started; resuming would train on different rows")
+        resume_from = latest_complete_checkpoint(out)
+        if resume_from is None:
+            raise MedloraError(f"{out}: no complete checkpoint to resume from; start a new run instead")
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     report, train, evals = prepare_data(cfg, tokenizer)
@@ -272,46 +444,19 @@ def run(cfg: TrainConfig) -> Path:
     set_seed(cfg.seed)  # python, numpy, torch
 
     # 3. model + LoRA
-    model, targets = apply_lora(cfg, load_model(source, cfg.trust_remote_code))
+    model, targets = apply_lora(cfg, load_model(source, cfg.trust_remote_code,
+                                                allow_pickle_weights=cfg.allow_pickle_weights))
     trainable, total = model.get_nb_trainable_parameters()
     log(f"LoRA on {', '.join(targets)}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.3f}%)")
+    # a checkpoint holds the adapter and two Adam moments (fp32); keep save_total_limit + 1 while rotating
+    need = trainable * 4 * 3 * (cfg.save_total_limit + 2) + (total * 4 if cfg.merge_model else 0)
+    check_output_location(out, need)
 
     # 4. run folder (created only now: bad input never leaves one behind)
-    out = unique_output_dir(cfg.output_dir)
-    if str(out) != str(Path(cfg.output_dir)):
+    if not resume and str(out) != str(Path(cfg.output_dir)):
         log(f"{cfg.output_dir} exists and is not empty; writing to {out} instead")
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    trainer, dropped = build_trainer(cfg, model, tokenizer, train.features(), evals.features(), out)
-
-    # 5. base eval loss (LoRA B starts at zero, so this is exactly the base model), train, eval
-    log(f"evaluating the base model on {len(evals.examples)} eval rows")
-    base = trainer.evaluate(metric_key_prefix="base_eval")
-    started = time.time()
-    result = trainer.train()
-    train_seconds = time.time() - started
-    log(f"evaluating the fine-tuned model on {len(evals.examples)} eval rows")
-    final = trainer.evaluate()
-
-    # 6. artifacts
-    atomic_dir(out / "adapter", lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-    trainer.save_state()
-    tokens = trainer.state.num_input_tokens_seen
-    metrics = {
-        "train_loss": result.training_loss,
-        "train_steps": trainer.state.global_step,
-        "train_samples": trainer.state.global_step * cfg.gradient_accumulation_steps * cfg.per_device_train_batch_size,
-        "train_seconds": round(train_seconds, 2),
-        "train_tokens": tokens,
-        "train_tokens_per_second": round(tokens / train_seconds, 2) if train_seconds else None,
-        "eval_loss": final["eval_loss"],
-        "eval_perplexity": math.exp(min(final["eval_loss"], 50)),
-        "base_eval_loss": base["base_eval_loss"],
-        "base_eval_perplexity": math.exp(min(base["base_eval_loss"], 50)),
-        "eval_rows": len(evals.examples),
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     info = {
         "medlora_version": __version__,
         "created": datetime.now().isoformat(timespec="seconds"),
@@ -328,15 +473,72 @@ def run(cfg: TrainConfig) -> Path:
         "target_modules": list(targets),
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "training_arguments_dropped": dropped,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "torch_threads": torch.get_num_threads(),
     }
-    (out / "run_info.json").write_text(json.dumps(info, indent=2))
+    if not resume:
+        save_config(cfg, out / "config.yaml")
+    trainer, dropped = build_trainer(cfg, model, tokenizer, train.features(), evals.features(), out)
+    info["training_arguments_dropped"] = dropped
+    if resume and (out / "run_info.json").is_file():
+        info["created"] = json.loads((out / "run_info.json").read_text()).get("created", info["created"])
+        info["resumed"] = datetime.now().isoformat(timespec="seconds")
+    write_json_atomic(out / "run_info.json", info)
+
+    # 5. base eval loss (LoRA B starts at zero, so this is exactly the base model), train, eval
+    base_file = out / "base_eval.json"
+    if base_file.is_file():
+        base = json.loads(base_file.read_text())
+    else:
+        log(f"evaluating the base model on {len(evals.examples)} eval rows")
+        base = trainer.evaluate(metric_key_prefix="base_eval")
+        write_json_atomic(base_file, base)
+    if resume_from is not None:
+        for stale in checkpoints(out):  # newer but incomplete: useless, and in the way of the new saves
+            if int(stale.name.split("-")[-1]) > int(resume_from.name.split("-")[-1]):
+                shutil.rmtree(stale)
+        log(f"resuming from {resume_from.name}")
+    interrupt = Interrupt()
+    guard = checkpoint_callback(interrupt)
+    trainer.add_callback(guard)
+    tokens_before = json.loads((resume_from / "trainer_state.json").read_text()).get(
+        "num_input_tokens_seen", 0) if resume_from else 0
+    started = time.time()
+    with interrupt:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.time() - started
+    if interrupt.requested:
+        if trainer.state.global_step == 0:
+            raise Interrupted("stopped before the first optimizer step; nothing to resume (start the run again)")
+        ckpt = save_interrupted_checkpoint(trainer, guard)
+        raise Interrupted(f"stopped at step {trainer.state.global_step}/{trainer.state.max_steps}; checkpoint saved "
+                          f"in {ckpt}. Resume with: medlora train --resume {out}")
+    log(f"evaluating the fine-tuned model on {len(evals.examples)} eval rows")
+    final = trainer.evaluate()
+
+    # 6. artifacts, each written under a temporary name and renamed into place
+    atomic_dir(out / "adapter", lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    trainer.save_state()
+    tokens = trainer.state.num_input_tokens_seen
+    metrics = {
+        "train_loss": result.training_loss,
+        "train_steps": trainer.state.global_step,
+        "train_samples": trainer.state.global_step * cfg.gradient_accumulation_steps * cfg.per_device_train_batch_size,
+        "train_seconds": round(train_seconds, 2),
+        "train_tokens": tokens,
+        "train_tokens_per_second": round((tokens - tokens_before) / train_seconds, 2) if train_seconds else None,
+        "eval_loss": final["eval_loss"],
+        "eval_perplexity": math.exp(min(final["eval_loss"], 50)),
+        "base_eval_loss": base["base_eval_loss"],
+        "base_eval_perplexity": math.exp(min(base["base_eval_loss"], 50)),
+        "eval_rows": len(evals.examples),
+        "resumed_from": resume_from.name if resume_from else None,
+    }
     plot_loss_curve(trainer.state.log_history, out / "loss_curve.png")
     if cfg.merge_model:
         log("merging the adapter into the base weights")
         merge_and_save(model, tokenizer, out / "merged_model")
+    write_json_atomic(out / "metrics.json", metrics)  # last: its presence means the run finished
 
     log(f"eval loss {base['base_eval_loss']:.4f} (base) -> {final['eval_loss']:.4f} (fine-tuned); "
         f"{metrics['train_tokens_per_second']} tokens/s")

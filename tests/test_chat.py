@@ -1,0 +1,169 @@
+"""`medlora chat`: generation presets, loading (adapter, merged folder, base model), determinism, the REPL."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+import yaml
+
+from medlora.cli import main
+from medlora.config import DEFAULT_SYSTEM_PROMPT, MedloraError
+from medlora.generate import answer, chat_repl, generate, generation_kwargs, load_for_inference
+
+QUESTION = "What are the symptoms of anemia?"
+CUSTOM_PROMPT = "You are a cautious assistant for a school nurse."
+
+
+# ---------------------------------------------------------------- presets
+
+def test_presets_follow_the_specification():
+    assert generation_kwargs("greedy") == {"do_sample": False, "max_new_tokens": 256}
+    assert generation_kwargs("sample") == {"do_sample": True, "temperature": 0.7, "top_p": 0.9,
+                                           "repetition_penalty": 1.05, "max_new_tokens": 256}
+
+
+def test_preset_values_are_overridable():
+    assert generation_kwargs("sample", temperature=0.3, top_p=None, max_new_tokens=40) == {
+        "do_sample": True, "temperature": 0.3, "top_p": 0.9, "repetition_penalty": 1.05, "max_new_tokens": 40}
+    # sampling knobs mean nothing to greedy decoding and are dropped, not passed on to warn
+    assert generation_kwargs("greedy", temperature=0.3, top_p=0.5, repetition_penalty=1.2) == {
+        "do_sample": False, "max_new_tokens": 256, "repetition_penalty": 1.2}
+    with pytest.raises(MedloraError, match="unknown mode"):
+        generation_kwargs("beam")
+
+
+def test_chat_needs_a_run_or_a_model(tmp_path, capsys):
+    assert main(["chat", "--question", QUESTION]) == 2
+    assert main(["chat", str(tmp_path), "--question", QUESTION]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("medlora: error: give a run folder")
+    assert err[1] == (f"medlora: error: {tmp_path}: not a medlora run (no adapter/ and config.yaml) "
+                      "and not a model folder (no config.json)")
+
+
+# ---------------------------------------------------------------- loading and answering with the real model
+
+@pytest.fixture(scope="module")
+def from_run(trained_run):
+    return load_for_inference(str(trained_run))
+
+
+@pytest.fixture(scope="module")
+def greedy():
+    return generation_kwargs("greedy", max_new_tokens=24)
+
+
+@pytest.mark.slow
+def test_adapter_merged_and_base_model_load_and_agree(trained_run, from_run, greedy):
+    from peft import PeftModel
+
+    merged = load_for_inference(str(trained_run / "merged_model"))
+    base = load_for_inference(model="smollm2-135m")
+    assert isinstance(from_run.model, PeftModel) and "adapter on smollm2-135m" in from_run.description
+    assert not isinstance(merged.model, PeftModel) and not isinstance(base.model, PeftModel)
+    assert from_run.system_prompt == merged.system_prompt == base.system_prompt == DEFAULT_SYSTEM_PROMPT
+
+    tuned_answer = answer(from_run, QUESTION, greedy)
+    assert tuned_answer and answer(merged, QUESTION, greedy) == tuned_answer
+    with from_run.model.disable_adapter():
+        assert answer(from_run, QUESTION, greedy) == answer(base, QUESTION, greedy)
+
+
+@pytest.mark.slow
+def test_run_brings_its_own_training_system_prompt(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("merged_model"))
+    config = run / "config.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["system_prompt"] = "You are a terse clinic assistant."
+    config.write_text(yaml.safe_dump(cfg))
+    assert load_for_inference(str(run)).system_prompt == "You are a terse clinic assistant."
+
+
+@pytest.mark.slow
+def test_greedy_one_shot_is_deterministic(trained_run, capsys):
+    outputs = []
+    for _ in range(2):
+        assert main(["chat", str(trained_run), "--question", QUESTION, "--max_new_tokens", "24"]) == 0
+        captured = capsys.readouterr()
+        assert "greedy" in captured.err
+        outputs.append(captured.out)
+    assert outputs[0].strip() and outputs[0] == outputs[1]
+
+
+@pytest.mark.slow
+def test_sampling_is_reproducible_with_a_seed(trained_run, capsys):
+    def sample(*extra):
+        assert main(["chat", str(trained_run), "-q", QUESTION, "--mode", "sample", "--max_new_tokens", "12",
+                     *extra]) == 0
+        captured = capsys.readouterr()
+        return captured.out, captured.err
+
+    first, _ = sample("--seed", "7")
+    assert first.strip() and sample("--seed", "7")[0] == first
+    # without --seed a fresh seed is drawn and shown, so that answer can be reproduced too
+    unseeded, err = sample()
+    seed = re.search(r"sample, seed (\d+)\]", err).group(1)
+    assert seed != "7" and unseeded != first  # it really samples
+    assert sample("--seed", seed)[0] == unseeded
+
+
+@pytest.mark.slow
+def test_answer_stops_at_end_of_turn(from_run, monkeypatch):
+    seen = {}
+    real = from_run.model.generate
+
+    def spy(**kw):
+        seen["prompt_len"] = kw["input_ids"].shape[1]
+        seen["out"] = real(**kw)
+        return seen["out"]
+
+    monkeypatch.setattr(from_run.model, "generate", spy)
+    messages = [{"role": "system", "content": "Answer in one short sentence."},
+                {"role": "user", "content": "Say hello in one word."}]
+    text = generate(from_run, messages, generation_kwargs("greedy", max_new_tokens=60))
+    new_tokens = seen["out"][0, seen["prompt_len"]:].tolist()
+    assert len(new_tokens) < 60 and new_tokens[-1] == from_run.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert text and "<|im_end|>" not in text and "<|im_start|>" not in text
+
+
+@pytest.mark.slow
+def test_repl_keeps_history_survives_ctrl_c_and_resets(from_run, monkeypatch, capsys):
+    """Multi-turn history, the --system_prompt override, Ctrl-C mid-answer, /reset and /exit."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class CtrlCAfterThreeTokens(LogitsProcessor):  # the user presses Ctrl-C while the answer streams
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls > 3:
+                raise KeyboardInterrupt
+            return scores
+
+    prompts = []
+    real = from_run.model.generate
+
+    def recording_generate(**kw):
+        prompts.append(from_run.tokenizer.decode(kw["input_ids"][0]))
+        if len(prompts) == 2:
+            kw["logits_processor"] = LogitsProcessorList([CtrlCAfterThreeTokens()])
+        return real(**kw)
+
+    lines = iter(["What is anemia?", "What causes gout?", "How is it treated?", "/reset", "What is asthma?",
+                  "/exit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(from_run.model, "generate", recording_generate)
+    chat_repl(from_run, generation_kwargs("greedy", max_new_tokens=8), system_prompt=CUSTOM_PROMPT)
+
+    out, err = capsys.readouterr()
+    assert len(prompts) == 4 and next(lines) == "never read"
+    assert "(stopped)" in err
+    first_reply = out.split("assistant> ")[1].strip()
+    assert first_reply and first_reply in prompts[2]
+    assert "What is anemia?" in prompts[2] and "What causes gout?" not in prompts[2]  # the stopped turn is dropped
+    assert "What is anemia?" not in prompts[3] and "What is asthma?" in prompts[3]    # /reset
+    assert all(p.count(CUSTOM_PROMPT) == 1 and DEFAULT_SYSTEM_PROMPT not in p for p in prompts)

@@ -1,0 +1,158 @@
+"""Never lose a run: checkpoints, resume after SIGKILL (bit-for-bit equivalent), incomplete checkpoints,
+Ctrl-C, validation before work and safe loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medlora.cli import main
+
+TRAIN = ["--model", "smollm2-135m", "--max_steps", "6", "--gradient_accumulation_steps", "2", "--save_steps", "2",
+         "--max_eval_samples", "2", "--learning_rate", "3e-4"]
+
+
+def start(sample_csv, out: Path, *extra) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "medlora", "train", "--data", str(sample_csv), "--output_dir", str(out), *TRAIN, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def adapter(run: Path) -> dict:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def losses(run: Path) -> dict:
+    state = json.loads((run / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, sample_csv, smol_dir):
+    out = tmp_path_factory.mktemp("resume") / "straight"
+    proc = start(sample_csv, out)
+    assert proc.wait() == 0, proc.communicate()
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, sample_csv, tmp_path):
+    out = tmp_path / "killed"
+    proc = start(sample_csv, out)
+    wait_for(out / "checkpoint-2" / "medlora_complete.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+
+    assert main(["train", "--resume", str(out)]) == 0
+    a, b = adapter(uninterrupted), adapter(out)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    la, lb = losses(uninterrupted), losses(out)
+    assert sorted(la) == sorted(lb) == [1, 2, 3, 4, 5, 6]
+    for step in range(3, 7):  # the losses logged after the resume point are the same
+        assert lb[step] == pytest.approx(la[step], rel=1e-6)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from"] and metrics["train_steps"] == 6
+    # checkpoints rotate: the newest save_total_limit (2) are kept
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+@pytest.mark.slow
+def test_truncated_newest_checkpoint_falls_back_to_previous(uninterrupted, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    for name in ("adapter", "metrics.json"):  # make it look like a run that died after checkpoint-6
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    newest = run / "checkpoint-6" / "adapter_model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert main(["train", "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "skipping incomplete checkpoint checkpoint-6" in err and "resuming from checkpoint-4" in err
+    a, b = adapter(uninterrupted), adapter(run)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_resumable_checkpoint(uninterrupted, sample_csv, tmp_path):
+    out = tmp_path / "interrupted"
+    proc = start(sample_csv, out)
+    wait_for(out / "checkpoint-2" / "medlora_complete.json", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert "checkpoint saved" in last and f"medlora train --resume {out}" in last and "Traceback" not in err
+    assert not (out / "metrics.json").exists()
+    from medlora.train import latest_complete_checkpoint
+
+    ckpt = latest_complete_checkpoint(out)
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 2
+    assert main(["train", "--resume", str(out)]) == 0
+    a, b = adapter(uninterrupted), adapter(out)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_resume_rejects_disagreeing_flags_and_non_runs(uninterrupted, tmp_path, capsys):
+    assert main(["train", "--resume", str(uninterrupted), "--learning_rate", "1e-3", "--lora_r", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "learning_rate (saved 0.0003, given 0.001)" in err and "lora_r" not in err
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not a medlora run folder" in capsys.readouterr().err
+
+
+def test_resume_without_complete_checkpoint_is_a_clear_error(uninterrupted, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_unwritable_output_dir_fails_before_training(sample_csv, tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    assert main(["train", "--data", str(sample_csv), "--model", "smollm2-135m",
+                 "--output_dir", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"medlora: error: cannot create output_dir {blocker / 'run'}: {blocker} is a file, not a folder"
+    if os.geteuid() != 0:  # root can write anywhere; a read-only folder only stops ordinary users
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        assert main(["train", "--data", str(sample_csv), "--model", "smollm2-135m", "--output_dir", str(ro / "x")]) == 2
+        assert "cannot write to output_dir" in capsys.readouterr().err
+
+
+def test_pickle_weights_are_refused_unless_allowed(smol_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from medlora.config import MedloraError
+    from medlora.model import load_model
+
+    model = AutoModelForCausalLM.from_pretrained(smol_dir)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # an old-style pickle checkpoint
+    assert (tmp_path / "pytorch_model.bin").is_file() and not (tmp_path / "model.safetensors").exists()
+    with pytest.raises(MedloraError, match="--allow_pickle_weights"):
+        load_model(str(tmp_path))
+    assert load_model(str(tmp_path), allow_pickle_weights=True).config.num_hidden_layers == 30
