@@ -45,7 +45,7 @@ bench: setup
 lock:
 	rm -rf /tmp/medlora-lock && $(PYTHON) -m venv /tmp/medlora-lock
 	/tmp/medlora-lock/bin/pip install -q torch==2.13.0 -r requirements.in
-	/tmp/medlora-lock/bin/pip freeze | sed 's/+cpu$$//' > requirements.txt
+	{ sed -n '1,2p' requirements.txt; /tmp/medlora-lock/bin/pip freeze | sed 's/+cpu$$//'; } > requirements.tmp && mv requirements.tmp requirements.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
