@@ -156,3 +156,22 @@ def test_pickle_weights_are_refused_unless_allowed(smol_dir, tmp_path):
     with pytest.raises(MedloraError, match="--allow_pickle_weights"):
         load_model(str(tmp_path))
     assert load_model(str(tmp_path), allow_pickle_weights=True).config.num_hidden_layers == 30
+
+
+def test_too_little_free_disk_is_reported_before_training(tmp_path):
+    from medlora.config import MedloraError
+    from medlora.train import check_output_location
+
+    check_output_location(tmp_path / "run", need_bytes=1)  # plenty of room for one byte
+    with pytest.raises(MedloraError, match=r"not enough free disk for .*need about 1000000000\.0 GB"):
+        check_output_location(tmp_path / "run", need_bytes=10**18)
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_seq_len_shorter_than_every_prompt_fails_before_the_model_loads(sample_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(sample_csv), "--model", "smollm2-135m", "--output_dir", str(out),
+                 "--max_seq_len", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "no training row fits max_seq_len=32" in err and "LoRA on" not in err  # before the model was built
+    assert not out.exists()
