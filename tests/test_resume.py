@@ -39,6 +39,12 @@ def adapter(run: Path) -> dict:
     return load_file(run / "adapter" / "adapter_model.safetensors")
 
 
+def max_adapter_diff(run_a: Path, run_b: Path) -> float:
+    a, b = adapter(run_a), adapter(run_b)
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
 def losses(run: Path) -> dict:
     state = json.loads((run / "trainer_state.json").read_text())
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
@@ -62,9 +68,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, sample_csv,
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
 
     assert main(["train", "--resume", str(out)]) == 0
-    a, b = adapter(uninterrupted), adapter(out)
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max_adapter_diff(uninterrupted, out) <= 1e-6
     la, lb = losses(uninterrupted), losses(out)
     assert sorted(la) == sorted(lb) == [1, 2, 3, 4, 5, 6]
     for step in range(3, 7):  # the losses logged after the resume point are the same
@@ -88,8 +92,7 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(uninterrupted, tmp_p
     assert main(["train", "--resume", str(run)]) == 0
     err = capsys.readouterr().err
     assert "skipping incomplete checkpoint checkpoint-6" in err and "resuming from checkpoint-4" in err
-    a, b = adapter(uninterrupted), adapter(run)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max_adapter_diff(uninterrupted, run) <= 1e-6
 
 
 @pytest.mark.slow
@@ -108,8 +111,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(uninterrupted, sample_csv, tmp_path
     ckpt = latest_complete_checkpoint(out)
     assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 2
     assert main(["train", "--resume", str(out)]) == 0
-    a, b = adapter(uninterrupted), adapter(out)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max_adapter_diff(uninterrupted, out) <= 1e-6
 
 
 def test_resume_rejects_disagreeing_flags_and_non_runs(uninterrupted, tmp_path, capsys):

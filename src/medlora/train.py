@@ -324,8 +324,9 @@ def merge_and_save(peft_model, tokenizer, out: Path) -> Path:
 
 # ---------------------------------------------------------------- the recipe
 
-def prepare_data(cfg: TrainConfig, tokenizer):
-    df, report = load_qa_csv(cfg.data)
+def prepare_data(cfg: TrainConfig, tokenizer, loaded=None):
+    """Split, cap and tokenise; ``loaded`` is an already-read (df, report) of cfg.data."""
+    df, report = loaded or load_qa_csv(cfg.data)
     train_df, eval_df = split(df, cfg.test_size, cfg.seed)
     if cfg.max_train_samples:
         train_df = train_df.iloc[: cfg.max_train_samples]
@@ -420,20 +421,21 @@ def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     from transformers import set_seed
 
     # 1. everything that can fail on user input, before the model is loaded
-    load_qa_csv(cfg.data)  # fast fail on a bad CSV before even resolving the model
+    loaded = load_qa_csv(cfg.data)  # fast fail on a bad CSV before even resolving the model
+    data_sha256 = file_sha256(cfg.data)
     out = Path(resume) if resume else unique_output_dir(cfg.output_dir)
     check_output_location(out)
     resume_from = None
     if resume:
         info = json.loads((out / "run_info.json").read_text()) if (out / "run_info.json").is_file() else {}
-        if info.get("data_sha256") and info["data_sha256"] != file_sha256(cfg.data):
+        if info.get("data_sha256") and info["data_sha256"] != data_sha256:
             raise MedloraError(f"{cfg.data} changed since this run started; resuming would train on different rows")
         resume_from = latest_complete_checkpoint(out)
         if resume_from is None:
             raise MedloraError(f"{out}: no complete checkpoint to resume from; start a new run instead")
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
-    report, train, evals = prepare_data(cfg, tokenizer)
+    report, train, evals = prepare_data(cfg, tokenizer, loaded)
     log(f"data: {report.rows_kept} usable rows ({report.dropped_empty} dropped: empty question/answer); "
         f"train {len(train.examples)}, eval {len(evals.examples)}; "
         f"{train.truncated + evals.truncated} answers truncated at {cfg.max_seq_len} tokens; "
@@ -463,7 +465,7 @@ def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
         "model": cfg.model,
         "model_source": source,
         "data": str(Path(cfg.data).resolve()),
-        "data_sha256": file_sha256(cfg.data),
+        "data_sha256": data_sha256,
         "data_rows_read": report.rows_read,
         "data_rows_dropped_empty": report.dropped_empty,
         "train_rows": len(train.examples),
