@@ -35,6 +35,14 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
         time.sleep(0.05)
 
 
+def signal_after_first_checkpoint(sample_csv, out: Path, sig: int) -> subprocess.Popen:
+    """Start a training subprocess and send it ``sig`` once checkpoint-2 is complete (training goes on)."""
+    proc = start(sample_csv, out)
+    wait_for(out / "checkpoint-2" / "medlora_complete.json", proc)
+    proc.send_signal(sig)
+    return proc
+
+
 def adapter(run: Path) -> dict:
     return load_file(run / "adapter" / "adapter_model.safetensors")
 
@@ -61,10 +69,7 @@ def uninterrupted(tmp_path_factory, sample_csv, smol_dir):
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, sample_csv, tmp_path):
     out = tmp_path / "killed"
-    proc = start(sample_csv, out)
-    wait_for(out / "checkpoint-2" / "medlora_complete.json", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    signal_after_first_checkpoint(sample_csv, out, signal.SIGKILL).wait()
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
 
     assert main(["train", "--resume", str(out)]) == 0
@@ -98,9 +103,7 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(uninterrupted, tmp_p
 @pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_checkpoint(uninterrupted, sample_csv, tmp_path):
     out = tmp_path / "interrupted"
-    proc = start(sample_csv, out)
-    wait_for(out / "checkpoint-2" / "medlora_complete.json", proc)
-    proc.send_signal(signal.SIGINT)
+    proc = signal_after_first_checkpoint(sample_csv, out, signal.SIGINT)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
