@@ -9,7 +9,7 @@ seconds per optimizer step and peak RSS for:
   trl_shipped  TRL SFTTrainer + PEFT LoRA, completion-only loss, SFTConfig defaults (bf16 autocast on,
                batch 8, max_length 1024, gradient checkpointing on)
   trl_tuned    the same, tuned for this CPU: fp32, batch 1, max_length = --seq, its default checkpointing
-  medlora      medlora.train.apply_lora + medlora.train.build_trainer with TrainConfig defaults
+  medlora      medlora.train.prepare_model + medlora.train.build_trainer with TrainConfig defaults
 
 The model is the Qwen2.5-1.5B architecture with random weights (identical FLOPs, no download); the data
 are real MedQuAD rows tokenised with the bundled SmolLM2 tokenizer through medlora.data.encode_frame.
@@ -301,10 +301,19 @@ def build_medlora(spec, model, tok, out):
         overrides["save_steps"] = spec["warmup"] + spec["steps"] + 1
     cfg = TrainConfig(**overrides)
     torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)  # as medlora.train.run does
-    peft_model, _ = apply_lora(cfg, model)
-    trainer, _ = build_trainer(cfg, peft_model, tok, spec["features"], None, out, progress=False)
+    try:
+        from medlora.train import prepare_model  # the precision/checkpointing choices of medlora.train.run
+    except ImportError:  # before the speed work: the plain recipe
+        prepare_model = None
+    if prepare_model is not None:
+        peft_model, _, speed = prepare_model(cfg, model)
+        trainer, _ = build_trainer(cfg, peft_model, tok, spec["features"], None, out, speed, progress=False)
+    else:
+        speed = {}
+        peft_model, _ = apply_lora(cfg, model)
+        trainer, _ = build_trainer(cfg, peft_model, tok, spec["features"], None, out, progress=False)
     trainer.args.disable_tqdm = True
-    return trainer, {k: v for k, v in cfg.to_dict().items() if k not in ("system_prompt",)}
+    return trainer, {**{k: v for k, v in cfg.to_dict().items() if k not in ("system_prompt",)}, "resolved": speed}
 
 
 def build_trl(spec, model, tok, out, tuned: bool):
@@ -411,10 +420,23 @@ def child_main(name: str, spec_path: str, result_path: str, progress_path: str) 
             "bf16": bool(a.bf16), "fp16": bool(a.fp16), "max_steps": a.max_steps,
             "gradient_checkpointing_arg": bool(getattr(a, "gradient_checkpointing", False)),
             "trainer_class": type(trainer).__name__,
+            "frozen_weights_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype),
         }}
 
         prog.write(json.dumps({"settings": result["settings"], "model_parameters": result["model_parameters"],
                                "model_build_s": result["model_build_s"]}, default=str) + "\n")
+
+        # Every contender's model is built in fp32 (then cast, where a contender trains bf16 weights): the build
+        # peak is not training memory, so VmHWM restarts here from the current RSS (Linux: clear_refs 5).
+        result["build_peak_rss_gb"] = round(vm_hwm_gb(), 2)
+        try:
+            import gc
+
+            gc.collect()
+            Path("/proc/self/clear_refs").write_text("5")
+            result["peak_rss_reset_after_build"] = True
+        except OSError:
+            result["peak_rss_reset_after_build"] = False
 
         # tokens per micro-batch: wrap this trainer instance's training_step (works for any Trainer subclass)
         pending = {"tokens": 0, "seqs": [], "padded": 0, "micro": 0}
@@ -600,6 +622,14 @@ LABELS = {
 }
 
 
+def dtype_label(eff: dict) -> str:
+    if not eff:
+        return "—"
+    if not eff.get("bf16"):
+        return "fp32"
+    return "bf16 weights + autocast" if eff.get("frozen_weights_dtype") == "torch.bfloat16" else "bf16 autocast"
+
+
 def fmt(x, nd=2):
     return "—" if x is None else f"{x:,.{nd}f}"
 
@@ -640,7 +670,7 @@ def write_reports(report: dict, out_dir: Path) -> None:
             f"| {LABELS.get(name, name)} | {status} | {fmt(s.get('tokens_per_s'))} | {fmt(s.get('s_per_step'), 1)} | "
             f"{fmt(seq_step, 0)} | {fmt(s.get('mean_tokens_per_sequence'), 0)} | {fmt(r.get('peak_rss_gb'))} | "
             f"{'on' if r.get('gradient_checkpointing') else ('off' if 'gradient_checkpointing' in r else '—')} | "
-            f"{'bf16 autocast' if eff.get('bf16') else ('fp32' if eff else '—')} | {fmt(s.get('cpu_share'))} | "
+            f"{dtype_label(eff)} | {fmt(s.get('cpu_share'))} | "
             f"{fmt(s.get('model_gflops_per_s'), 1)} | "
             f"{fmt(100 * s['mfu_vs_theoretical'], 1) if s.get('mfu_vs_theoretical') else '—'} | "
             f"{fmt(100 * s['mfu_vs_empirical'], 1) if s.get('mfu_vs_empirical') else '—'} |")
@@ -663,9 +693,10 @@ def write_reports(report: dict, out_dir: Path) -> None:
         "",
         "- tokens/s = real (non-padding) tokens, prompt included, in the measured optimizer steps / their wall time "
         "(a step = grad_accum micro-batches + the optimizer step, timed by a TrainerCallback at each step end).",
-        "- peak RSS = the child process's VmHWM (each contender runs in a fresh process; model construction "
-        "included; `ru_maxrss` would inherit the forking parent's RSS). For a killed child, the parent's 0.5 s "
-        "psutil poll of the child's RSS.",
+        "- peak RSS = the child process's VmHWM while it trains, the model's resting memory included (each contender "
+        "runs in a fresh process; VmHWM is reset through /proc/self/clear_refs once the model is built, because every "
+        "model is built in fp32 first: the build peak is in the JSON as `build_peak_rss_gb`; `ru_maxrss` would "
+        "inherit the forking parent's RSS). For a killed child, the parent's 0.5 s psutil poll of the child's RSS.",
         f"- fp32 peak, theoretical: {p['theoretical']['formula']} = {p['theoretical']['gflops']} GFLOP/s. "
         f"{p['theoretical']['assumption']}.",
         f"- fp32 peak, measured: {p['empirical']['method']} = {p['empirical']['gflops']} GFLOP/s.",

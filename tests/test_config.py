@@ -27,7 +27,9 @@ def test_defaults_match_specification():
     assert (c.per_device_train_batch_size, c.gradient_accumulation_steps) == (1, 16)
     assert (c.learning_rate, c.weight_decay, c.num_train_epochs, c.max_steps) == (2e-4, 0.0, 1.0, -1)
     assert (c.warmup_ratio, c.lr_scheduler_type, c.optim) == (0.03, "cosine", "adamw_torch")
-    assert c.gradient_checkpointing is True and c.dataloader_num_workers == 0 and c.merge_model is False
+    assert c.dataloader_num_workers == 0 and c.merge_model is False
+    # issue 5 replaced the specification's fixed fp32 + checkpointing with choices made per machine (test_speed.py)
+    assert (c.precision, c.gradient_checkpointing) == ("auto", "auto")
     for phrase in ("educational", "doctor", "emergency"):
         assert phrase in c.system_prompt
 
@@ -37,7 +39,7 @@ def test_every_field_has_a_flag_and_cli_beats_yaml(tmp_path):
     cfg_file.write_text("learning_rate: 1e-4\nlora_r: 4\nlr_scheduler_type: linear\ntarget_modules: [q_proj, v_proj]\n")
     c = parse_train(["--config", str(cfg_file), "--lora_r", "16", "--max-steps", "7", "--no-gradient_checkpointing"])
     assert c.learning_rate == 1e-4  # YAML's "1e-4" is a string to PyYAML; coerced to float
-    assert c.lora_r == 16 and c.max_steps == 7 and c.gradient_checkpointing is False
+    assert c.lora_r == 16 and c.max_steps == 7 and c.gradient_checkpointing == "off"
     assert c.lr_scheduler_type == "linear" and c.target_modules == ["q_proj", "v_proj"]
     c2 = parse_train(["--target_modules", "q_proj,k_proj", "--system_prompt", "Be brief."])
     assert c2.target_modules == ["q_proj", "k_proj"] and c2.system_prompt == "Be brief."
@@ -87,6 +89,20 @@ def test_typo_in_a_flag_is_an_error_not_a_silent_default(capsys):
     assert main(["train", "--data", "x.csv", "--learing_rate", "1e-4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "medlora: error: unknown argument --learing_rate; did you mean --learning_rate?"
+
+
+def test_checkpointing_and_precision_flags(tmp_path):
+    assert parse_train(["--gradient_checkpointing"]).gradient_checkpointing == "on"
+    assert parse_train(["--gradient-checkpointing", "auto"]).gradient_checkpointing == "auto"
+    assert parse_train(["--no-gradient-checkpointing"]).gradient_checkpointing == "off"
+    assert parse_train(["--precision", "fp32"]).precision == "fp32"
+    old_run = tmp_path / "old.yaml"  # config.yaml of a run from before issue 5
+    old_run.write_text("gradient_checkpointing: true\n")
+    assert parse_train(["--config", str(old_run)]).gradient_checkpointing == "on"
+    with pytest.raises(MedloraError, match="gradient_checkpointing: expected one of auto, on, off"):
+        parse_train(["--gradient_checkpointing", "sometimes"])
+    with pytest.raises(SystemExit):
+        parse_train(["--precision", "fp16"])
 
 
 def test_training_kwargs_filter_against_installed_signature():

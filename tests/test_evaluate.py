@@ -204,9 +204,12 @@ def test_fine_tuned_eval_loss_beats_base_and_matches_training(evaluated):
     trained = json.loads((run / "metrics.json").read_text())
     assert metrics["loss_rows"] == trained["eval_rows"] == 15
     assert metrics["eval_loss"]["fine_tuned"] < metrics["eval_loss"]["base"] - 0.05
-    assert metrics["eval_loss"]["fine_tuned"] == pytest.approx(trained["eval_loss"], rel=1e-3)
-    assert metrics["eval_loss"]["base"] == pytest.approx(trained["base_eval_loss"], rel=1e-3)
-    assert metrics["perplexity"]["base"] == pytest.approx(trained["base_eval_perplexity"], rel=1e-3)
+    # `medlora eval` computes in fp32; training evaluates in its own precision (bf16 on CPUs with native bf16,
+    # where rounding moves the loss by a few tenths of a percent)
+    rel = 1e-3 if trained["eval_precision"] == "fp32" else 1e-2
+    assert metrics["eval_loss"]["fine_tuned"] == pytest.approx(trained["eval_loss"], rel=rel)
+    assert metrics["eval_loss"]["base"] == pytest.approx(trained["base_eval_loss"], rel=rel)
+    assert metrics["perplexity"]["base"] == pytest.approx(trained["base_eval_perplexity"], rel=rel * 3)
 
 
 @pytest.mark.slow

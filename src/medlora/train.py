@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .config import Interrupted, MedloraError, TrainConfig, save_config
 from .data import encode_frame, load_qa_csv, make_collator, split
-from .model import find_lora_targets, load_model, load_tokenizer, resolve_model
+from .model import cpu_has_native_bf16, find_lora_targets, load_model, load_tokenizer, resolve_model
 
 
 def log(msg: str) -> None:
@@ -322,6 +322,86 @@ def merge_and_save(peft_model, tokenizer, out: Path) -> Path:
     return atomic_dir(out, write)
 
 
+# ---------------------------------------------------------------- speed (see benchmarks/README.md)
+
+def resolve_precision(cfg: TrainConfig) -> str:
+    """'bf16' or 'fp32' for this run: bf16 only where the CPU multiplies bf16 natively."""
+    if cfg.precision == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if cfg.precision == "bf16" and not cpu_has_native_bf16():
+        log("warning: this CPU has no native bf16 (avx512_bf16/amx_bf16); bf16 is emulated and many times "
+            "slower than fp32 here")
+    return cfg.precision
+
+
+# Bytes kept for the backward pass per token and decoder layer, in units of the activation element size,
+# without gradient checkpointing: a linear fit of measured peak RSS (benchmarks/README.md) over the hidden
+# and MLP widths, with LoRA dropout on the 7 projections.
+ACT_PER_HIDDEN, ACT_PER_INTERMEDIATE = 34, 9
+CHECKPOINTING_HEADROOM = 0.75  # use at most this share of the RAM that is free after the model is loaded
+
+
+def activation_bytes(model_config, seq_len: int, batch: int, precision: str) -> int:
+    """Estimated activation memory of one micro-batch of seq_len tokens, without gradient checkpointing."""
+    hidden = model_config.hidden_size
+    intermediate = getattr(model_config, "intermediate_size", 4 * hidden)
+    per_token_layer = ACT_PER_HIDDEN * hidden + ACT_PER_INTERMEDIATE * intermediate
+    vocab_logits = 3 * model_config.vocab_size * 4  # a few fp32 rows of logits per answer token (loss + grad)
+    elem = 2 if precision == "bf16" else 4
+    return batch * seq_len * (model_config.num_hidden_layers * per_token_layer * elem + vocab_logits)
+
+
+def resolve_checkpointing(cfg: TrainConfig, model_config, precision: str) -> tuple[bool, str]:
+    """(use gradient checkpointing?, why). 'auto' turns it off when the longest micro-batch fits in free RAM."""
+    if cfg.gradient_checkpointing != "auto":
+        return cfg.gradient_checkpointing == "on", f"--gradient_checkpointing {cfg.gradient_checkpointing}"
+    import psutil
+
+    need = activation_bytes(model_config, cfg.max_seq_len, cfg.per_device_train_batch_size, precision)
+    free = psutil.virtual_memory().available
+    on = need > CHECKPOINTING_HEADROOM * free
+    why = (f"auto: activations need ~{need / 1e9:.1f} GB at {cfg.max_seq_len} tokens, "
+           f"{free / 1e9:.1f} GB of RAM free")
+    return on, why
+
+
+def answer_only_trainer_class():
+    """HF Trainer whose training loss runs the LM head on the answer positions only.
+
+    The plain path computes logits for every position (seq x 151,936 fp32 values for Qwen2.5, ~15% of the
+    FLOPs) and then ignores the prompt's. transformers' causal LMs accept a boolean ``logits_to_keep``
+    mask and project only those positions; the loss is the same token-summed cross-entropy divided by
+    num_items_in_batch that the model's own loss function uses, so the numbers match the reference.
+    """
+    import torch.nn.functional as F
+    from transformers import Trainer
+
+    class _AnswerOnlyTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if "labels" not in inputs or not _accepts_logits_to_keep(model):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"]
+            targets = labels[:, 1:]  # position p predicts token p + 1
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            keep[:, :-1] = targets != -100
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+            logits = outputs.logits.float()  # (answer tokens in the batch, vocab)
+            if logits.dim() == 3:  # a model that ignored the mask scored every position
+                logits = logits[keep]
+            loss = F.cross_entropy(logits, targets[keep[:, :-1]], reduction="sum")
+            n = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+            loss = loss / (n.to(loss.device) if torch.is_tensor(n) else n)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return _AnswerOnlyTrainer
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """Models from before transformers 4.50 (or custom code) lack the argument: they get the plain loss."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 # ---------------------------------------------------------------- the recipe
 
 def prepare_data(cfg: TrainConfig, tokenizer, loaded=None):
@@ -342,7 +422,8 @@ def prepare_data(cfg: TrainConfig, tokenizer, loaded=None):
 
 
 def apply_lora(cfg: TrainConfig, model):
-    """Wrap a base model with the run's LoRA config; returns (peft_model, target names)."""
+    """Wrap a base model with the run's LoRA config; returns (peft_model, target names).
+    The adapter weights stay fp32 whatever the base model's dtype (peft's autocast_adapter_dtype)."""
     from peft import LoraConfig, get_peft_model
 
     model.config.use_cache = False
@@ -355,11 +436,25 @@ def apply_lora(cfg: TrainConfig, model):
         raise MedloraError(f"LoRA setup failed for target_modules={targets}: {str(e).splitlines()[0]}") from None
 
 
-def training_arguments(cfg: TrainConfig, out: Path):
-    """The specification's TrainingArguments, filtered against the installed transformers."""
+def prepare_model(cfg: TrainConfig, model) -> tuple:
+    """Base model -> (peft_model, targets, speed settings): the precision and checkpointing this run uses."""
+    precision = resolve_precision(cfg)
+    if precision == "bf16" and model.dtype != torch.bfloat16:
+        model = model.to(torch.bfloat16)  # frozen base weights in bf16: half the memory traffic and RAM
+    model, targets = apply_lora(cfg, model)
+    checkpointing, why = resolve_checkpointing(cfg, model.config, precision)
+    speed = {"precision": precision, "gradient_checkpointing": checkpointing, "gradient_checkpointing_why": why,
+             "answer_only_lm_head": _accepts_logits_to_keep(model)}
+    return model, targets, speed
+
+
+def training_arguments(cfg: TrainConfig, out: Path, speed: dict | None = None):
+    """The specification's TrainingArguments (with this run's precision and checkpointing), filtered
+    against the installed transformers."""
     import transformers
     from transformers import TrainingArguments
 
+    speed = speed or {"precision": "fp32", "gradient_checkpointing": True}
     wanted = dict(
         output_dir=str(out),
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -380,8 +475,8 @@ def training_arguments(cfg: TrainConfig, out: Path):
         report_to="none",
         use_cpu=True,
         fp16=False,
-        bf16=False,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        bf16=speed["precision"] == "bf16",  # autocast; the base weights are already bf16 (prepare_model)
+        gradient_checkpointing=speed["gradient_checkpointing"],
         gradient_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=cfg.dataloader_num_workers,
         dataloader_pin_memory=False,
@@ -398,13 +493,12 @@ def training_arguments(cfg: TrainConfig, out: Path):
 
 
 def build_trainer(cfg: TrainConfig, model, tokenizer, train_features: list[dict], eval_features: list[dict] | None,
-                  out: Path, progress: bool = True):
-    """HF Trainer with medlora's data collator and progress bar. Returns (trainer, dropped kwargs)."""
-    from transformers import Trainer
+                  out: Path, speed: dict | None = None, progress: bool = True):
+    """HF Trainer (answer-only LM head) with medlora's collator and progress bar. Returns (trainer, dropped)."""
     from transformers.trainer_callback import ProgressCallback
 
-    args, dropped = training_arguments(cfg, out)
-    trainer = Trainer(model=model, args=args, train_dataset=train_features, eval_dataset=eval_features,
+    args, dropped = training_arguments(cfg, out, speed)
+    trainer = answer_only_trainer_class()(model=model, args=args, train_dataset=train_features, eval_dataset=eval_features,
                       data_collator=make_collator(tokenizer), processing_class=tokenizer)
     trainer.remove_callback(ProgressCallback)
     if progress:
@@ -446,11 +540,16 @@ def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     set_seed(cfg.seed)  # python, numpy, torch
 
     # 3. model + LoRA
-    model, targets = apply_lora(cfg, load_model(source, cfg.trust_remote_code,
-                                                allow_pickle_weights=cfg.allow_pickle_weights))
+    precision = resolve_precision(cfg)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model, targets, speed = prepare_model(cfg, load_model(source, cfg.trust_remote_code, dtype=dtype,
+                                                          allow_pickle_weights=cfg.allow_pickle_weights))
     trainable, total = model.get_nb_trainable_parameters()
     log(f"LoRA on {', '.join(targets)}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.3f}%)")
+    log(f"precision {precision} ({'native bf16 on this CPU' if cpu_has_native_bf16() else 'no native bf16'}"
+        f"{'' if cfg.precision == 'auto' else ', set by --precision'}); gradient checkpointing "
+        f"{'on' if speed['gradient_checkpointing'] else 'off'} ({speed['gradient_checkpointing_why']})")
     # a checkpoint holds the adapter and two Adam moments (fp32); keep save_total_limit + 1 while rotating
     need = trainable * 4 * 3 * (cfg.save_total_limit + 2) + (total * 4 if cfg.merge_model else 0)
     check_output_location(out, need)
@@ -477,10 +576,11 @@ def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
         "total_parameters": total,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "torch_threads": torch.get_num_threads(),
+        **speed,
     }
     if not resume:
         save_config(cfg, out / "config.yaml")
-    trainer, dropped = build_trainer(cfg, model, tokenizer, train.features(), evals.features(), out)
+    trainer, dropped = build_trainer(cfg, model, tokenizer, train.features(), evals.features(), out, speed)
     info["training_arguments_dropped"] = dropped
     if resume and (out / "run_info.json").is_file():
         info["created"] = json.loads((out / "run_info.json").read_text()).get("created", info["created"])
@@ -534,12 +634,20 @@ def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
         "base_eval_loss": base["base_eval_loss"],
         "base_eval_perplexity": math.exp(min(base["base_eval_loss"], 50)),
         "eval_rows": len(evals.examples),
+        "eval_precision": precision,  # `medlora eval` recomputes these in fp32
         "resumed_from": resume_from.name if resume_from else None,
     }
     plot_loss_curve(trainer.state.log_history, out / "loss_curve.png")
     if cfg.merge_model:
         log("merging the adapter into the base weights")
-        merge_and_save(model, tokenizer, out / "merged_model")
+        if precision == "bf16":  # merge into the fp32 base, as `medlora merge` does: bf16 would round the update away
+            from .generate import load_for_inference
+
+            del trainer, model
+            loaded = load_for_inference(str(out))
+            merge_and_save(loaded.model, loaded.tokenizer, out / "merged_model")
+        else:
+            merge_and_save(model, tokenizer, out / "merged_model")
     write_json_atomic(out / "metrics.json", metrics)  # last: its presence means the run finished
 
     log(f"eval loss {base['base_eval_loss']:.4f} (base) -> {final['eval_loss']:.4f} (fine-tuned); "

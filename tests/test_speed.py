@@ -1,0 +1,93 @@
+"""medlora's fast training path trains on the same loss as the specification's plain recipe.
+
+The reference below is written independently of medlora.train: HF Trainer + PEFT, fp32, gradient
+checkpointing on, logits for every position. medlora's path is the real `medlora train` command.
+Dropout is 0 so both runs are deterministic functions of the same rows in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medlora.cli import main
+from medlora.config import build_config
+from medlora.model import cpu_has_native_bf16
+
+pytestmark = pytest.mark.slow
+
+STEPS, ACCUM = 5, 2
+COMMON = ["--model", "smollm2-135m", "--lora_dropout", "0", "--max_steps", str(STEPS),
+          "--gradient_accumulation_steps", str(ACCUM), "--warmup_ratio", "0", "--lr_scheduler_type", "linear",
+          "--max_eval_samples", "2", "--save_steps", "100"]
+
+
+def _step_losses(log_history: list[dict]) -> list[float]:
+    return [h["loss"] for h in log_history if "loss" in h and "step" in h][:STEPS]
+
+
+@pytest.fixture(scope="module")
+def reference_losses(sample_csv, smol_dir, tokenizer, tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from medlora.train import prepare_data
+
+    cfg = build_config(data=str(sample_csv), model="smollm2-135m")
+    _, train, _ = prepare_data(cfg, tokenizer)  # the same rows, tokens and masks both runs see
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(str(smol_dir), dtype=torch.float32)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]))
+    args = TrainingArguments(
+        output_dir=str(tmp_path_factory.mktemp("reference")), per_device_train_batch_size=1,
+        gradient_accumulation_steps=ACCUM, learning_rate=2e-4, weight_decay=0.0, max_steps=STEPS, warmup_steps=0,
+        lr_scheduler_type="linear", optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=True, bf16=False, activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_num_workers=0, remove_unused_columns=False, seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train.features(),
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    trainer.train()
+    losses = _step_losses(trainer.state.log_history)
+    assert len(losses) == STEPS and all(0 < x < 20 for x in losses)
+    return losses
+
+
+def _medlora_run(tmp_path, sample_csv, *flags):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(sample_csv), "--output_dir", str(out), *COMMON, *flags]) == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    return _step_losses(state["log_history"]), json.loads((out / "run_info.json").read_text())
+
+
+def test_fp32_path_matches_reference_loss_per_step(reference_losses, sample_csv, tmp_path):
+    losses, info = _medlora_run(tmp_path, sample_csv, "--precision", "fp32")
+    assert info["precision"] == "fp32" and info["answer_only_lm_head"] is True
+    assert info["gradient_checkpointing"] is False  # 135M parameters at 512 tokens fit in any RAM: auto -> off
+    assert len(losses) == STEPS
+    print("reference", reference_losses, "\nmedlora fp32", losses)
+    for step, (ours, ref) in enumerate(zip(losses, reference_losses), 1):
+        assert abs(ours - ref) <= 1e-3 * abs(ref), f"step {step}: medlora {ours:.6f} vs reference {ref:.6f}"
+
+
+def test_forced_checkpointing_changes_nothing_but_memory(reference_losses, sample_csv, tmp_path):
+    losses, info = _medlora_run(tmp_path, sample_csv, "--precision", "fp32", "--gradient_checkpointing", "on")
+    assert info["gradient_checkpointing"] is True
+    for ours, ref in zip(losses, reference_losses):
+        assert abs(ours - ref) <= 1e-3 * abs(ref)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16: medlora trains in fp32 here")
+def test_default_bf16_path_stays_close_to_reference(reference_losses, sample_csv, tmp_path):
+    """On a CPU with native bf16 the default path trains with bf16 base weights: not bit-identical to fp32,
+    and the trajectories drift apart a little with each optimizer step, but it is the same objective."""
+    losses, info = _medlora_run(tmp_path, sample_csv)
+    assert info["precision"] == "bf16"
+    print("reference", reference_losses, "\nmedlora bf16", losses)
+    assert abs(losses[0] - reference_losses[0]) <= 5e-3 * reference_losses[0]  # same weights: rounding only
+    for step, (ours, ref) in enumerate(zip(losses, reference_losses), 1):
+        assert abs(ours - ref) <= 2e-2 * abs(ref), f"step {step}: medlora {ours:.6f} vs reference {ref:.6f}"
