@@ -10,6 +10,7 @@ seconds per optimizer step and peak RSS for:
                batch 8, max_length 1024, gradient checkpointing on)
   trl_tuned    the same, tuned for this CPU: fp32, batch 1, max_length = --seq, its default checkpointing
   medlora      medlora.train.prepare_model + medlora.train.build_trainer with TrainConfig defaults
+  medlora_fp32 the same with precision="fp32": medlora's default path on CPUs without native bf16
 
 The model is the Qwen2.5-1.5B architecture with random weights (identical FLOPs, no download); the data
 are real MedQuAD rows tokenised with the bundled SmolLM2 tokenizer through medlora.data.encode_frame.
@@ -41,7 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "medquad.csv"
-CONTENDERS = ("reference", "medlora", "trl_tuned", "trl_shipped")  # run order: slowest-to-fail last
+CONTENDERS = ("reference", "medlora", "medlora_fp32", "trl_tuned", "trl_shipped")  # run order: slowest-to-fail last
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 TRL_SHIPPED_BATCH = 8  # TrainingArguments' per_device_train_batch_size default (SFTConfig keeps it)
 
@@ -133,19 +134,19 @@ def theoretical_peak(m: dict) -> dict:
     }
 
 
-def empirical_peak(n: int = 4096, reps: int = 5) -> dict:
-    """Best of `reps` fp32 torch.mm of n x n, all threads."""
+def empirical_peak(n: int = 4096, reps: int = 5, dtype: str = "float32") -> dict:
+    """Best of `reps` torch.mm of n x n in `dtype`, all threads."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n).to(getattr(torch, dtype)), torch.randn(n, n).to(getattr(torch, dtype))
     torch.mm(a, b)  # warm-up
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t)
-    return {"gflops": round(2 * n**3 / best / 1e9, 1), "method": f"best of {reps} fp32 torch.mm {n}x{n}, "
+    return {"gflops": round(2 * n**3 / best / 1e9, 1), "method": f"best of {reps} {dtype} torch.mm {n}x{n}, "
             f"{torch.get_num_threads()} threads (2*n^3 FLOPs)", "seconds": round(best, 3)}
 
 
@@ -284,8 +285,9 @@ def build_reference(spec, model, tok, out):
                    processing_class=tok)
 
 
-def build_medlora(spec, model, tok, out):
-    """medlora's default training path: whatever TrainConfig's defaults and build_trainer do today."""
+def build_medlora(spec, model, tok, out, **config):
+    """medlora's default training path: whatever TrainConfig's defaults and build_trainer do today
+    (``config``: fields to override, e.g. precision="fp32" for its path on CPUs without native bf16)."""
     import torch
 
     from medlora.config import TrainConfig
@@ -294,7 +296,7 @@ def build_medlora(spec, model, tok, out):
     import dataclasses
 
     overrides = dict(output_dir=str(out), max_seq_len=spec["seq"], gradient_accumulation_steps=spec["grad_accum"],
-                     max_steps=spec["warmup"] + spec["steps"])
+                     max_steps=spec["warmup"] + spec["steps"], **config)
     if "save_steps" in {f.name for f in dataclasses.fields(TrainConfig)}:
         # Checkpoints every save_steps optimizer steps are part of a real run (every 32 samples by default); with
         # the benchmark's short steps they would land inside the timed window far more often, so none is written.
@@ -408,6 +410,8 @@ def child_main(name: str, spec_path: str, result_path: str, progress_path: str) 
             trainer = build_reference(spec, model, tok, out)
         elif name == "medlora":
             trainer, settings = build_medlora(spec, model, tok, out)
+        elif name == "medlora_fp32":
+            trainer, settings = build_medlora(spec, model, tok, out, precision="fp32")
         elif name in ("trl_tuned", "trl_shipped"):
             trainer, settings = build_trl(spec, model, tok, out, tuned=name == "trl_tuned")
         else:
@@ -617,6 +621,7 @@ def summarise(res: dict, warmup: int, fm_layers: int, peaks: dict) -> dict:
 LABELS = {
     "reference": "reference (HF Trainer + PEFT, spec settings)",
     "medlora": "medlora default path",
+    "medlora_fp32": "medlora with --precision fp32 (its default path on CPUs without native bf16)",
     "trl_tuned": "TRL SFTTrainer, tuned for CPU (fp32, bs 1, max_length = seq)",
     "trl_shipped": "TRL SFTTrainer, as shipped (bf16, bs 8, max_length 1024)",
 }
@@ -700,12 +705,15 @@ def write_reports(report: dict, out_dir: Path) -> None:
         f"- fp32 peak, theoretical: {p['theoretical']['formula']} = {p['theoretical']['gflops']} GFLOP/s. "
         f"{p['theoretical']['assumption']}.",
         f"- fp32 peak, measured: {p['empirical']['method']} = {p['empirical']['gflops']} GFLOP/s.",
+    ] + ([f"- bf16 peak, measured: {p['empirical_bf16']['method']} = {p['empirical_bf16']['gflops']} GFLOP/s "
+          "(native bf16 dot products)."] if p.get("empirical_bf16") else []) + [
         "- model FLOPs (the same useful work for every contender): " + report["flops_formula"],
         "- CPU share = the contender's process CPU time / (wall time x torch threads) over the measured steps: "
         "1.00 means its threads had the cores to themselves; lower means other processes took cores (and the "
         "OpenMP threads then wait for each other), so its tokens/s are depressed.",
         "- % peak = model FLOP/s / peak FLOP/s (MFU-style; executed FLOP/s including the checkpointing recompute "
-        "is in the JSON as `hfu_vs_*`). TRL as shipped autocasts to bf16, so its fp32-peak fraction is only indicative.",
+        "is in the JSON as `hfu_vs_*`). TRL as shipped and medlora on a CPU with native bf16 run bf16 matmuls, whose peak is higher (see the measured "
+        "bf16 torch.mm peak above, where the CPU has native bf16), so their fp32-peak fractions are only indicative.",
         "",
         "## Notes",
         "",
@@ -742,6 +750,8 @@ def parent_main(args) -> int:
     spec_path, data_summary = prepare_data(args, n_rows, workdir)
     log(f"data: {data_summary['rows_selected']} rows, mean {data_summary['tokens_per_row_mean']} tokens")
     peaks = {"theoretical": theoretical_peak(machine), "empirical": empirical_peak()}
+    if machine["flags"].get("avx512_bf16") or machine["flags"].get("amx_bf16"):
+        peaks["empirical_bf16"] = empirical_peak(dtype="bfloat16")  # for reading the bf16 contenders' numbers
     log(f"fp32 peak: theoretical {peaks['theoretical']['gflops']} GFLOP/s, torch.mm {peaks['empirical']['gflops']}")
 
     import peft
@@ -838,6 +848,11 @@ def build_report(args, command, started, finished, machine, versions, peaks, dat
         w = results.get(n, {}).get("summary", {}).get("warmup_only_tokens_per_s")
         if med and ratios.get(f"vs_{n}") is None and w:
             ratios[f"vs_{n}_warmup_step_only"] = round(med / w, 2)
+    fp32 = tps("medlora_fp32")
+    if fp32:
+        for n in ("reference", "trl_tuned"):
+            if tps(n):
+                ratios[f"fp32_vs_{n}"] = round(fp32 / tps(n), 2)
     for n, r in results.items():
         if not r.get("ok") and r["summary"].get("tokens_per_s"):
             partial.append(f"{n}: {r.get('error')}; its tokens/s come from the {r['summary']['steps_measured']} "
