@@ -75,7 +75,8 @@ class TrainConfig:
     gradient_checkpointing: str = "auto"
     dataloader_num_workers: int = 0
     num_threads: int | None = None  # None: os.cpu_count()
-    # checkpoints (a step is 16 samples: ~15-30 min between saves with the default model on 2 cores)
+    # checkpoints (a step is 16 samples: ~4 min between saves with the default model on 2 Zen 4 cores in bf16,
+    # 15-30 min in fp32 on slower CPUs)
     save_steps: int = 2
     save_total_limit: int = 2
     # artifacts and safety
