@@ -378,8 +378,12 @@ def answer_only_trainer_class():
     from transformers import Trainer
 
     class _AnswerOnlyTrainer(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.answer_only = _accepts_logits_to_keep(self.model)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if "labels" not in inputs or not _accepts_logits_to_keep(model):
+            if "labels" not in inputs or not self.answer_only:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs["labels"]
             targets = labels[:, 1:]  # position p predicts token p + 1
@@ -437,9 +441,10 @@ def apply_lora(cfg: TrainConfig, model):
         raise MedloraError(f"LoRA setup failed for target_modules={targets}: {str(e).splitlines()[0]}") from None
 
 
-def prepare_model(cfg: TrainConfig, model) -> tuple:
-    """Base model -> (peft_model, targets, speed settings): the precision and checkpointing this run uses."""
-    precision = resolve_precision(cfg)
+def prepare_model(cfg: TrainConfig, model, precision: str | None = None) -> tuple:
+    """Base model -> (peft_model, targets, speed settings): the precision and checkpointing this run uses
+    (``precision``: already resolved by the caller, else resolved here)."""
+    precision = precision or resolve_precision(cfg)
     if precision == "bf16" and model.dtype != torch.bfloat16:
         model = model.to(torch.bfloat16)  # frozen base weights in bf16: half the memory traffic and RAM
     model, targets = apply_lora(cfg, model)
@@ -499,8 +504,9 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_features: list[dict]
     from transformers.trainer_callback import ProgressCallback
 
     args, dropped = training_arguments(cfg, out, speed)
-    trainer = answer_only_trainer_class()(model=model, args=args, train_dataset=train_features, eval_dataset=eval_features,
-                      data_collator=make_collator(tokenizer), processing_class=tokenizer)
+    trainer = answer_only_trainer_class()(model=model, args=args, train_dataset=train_features,
+                                          eval_dataset=eval_features, data_collator=make_collator(tokenizer),
+                                          processing_class=tokenizer)
     trainer.remove_callback(ProgressCallback)
     if progress:
         trainer.add_callback(progress_callback())
@@ -544,7 +550,7 @@ def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     precision = resolve_precision(cfg)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model, targets, speed = prepare_model(cfg, load_model(source, cfg.trust_remote_code, dtype=dtype,
-                                                          allow_pickle_weights=cfg.allow_pickle_weights))
+                                                          allow_pickle_weights=cfg.allow_pickle_weights), precision)
     trainable, total = model.get_nb_trainable_parameters()
     log(f"LoRA on {', '.join(targets)}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.3f}%)")
