@@ -291,7 +291,7 @@ def build_medlora(spec, model, tok, out, **config):
     import torch
 
     from medlora.config import TrainConfig
-    from medlora.train import apply_lora, build_trainer
+    from medlora.train import build_trainer, prepare_model
 
     import dataclasses
 
@@ -303,17 +303,8 @@ def build_medlora(spec, model, tok, out, **config):
         overrides["save_steps"] = spec["warmup"] + spec["steps"] + 1
     cfg = TrainConfig(**overrides)
     torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)  # as medlora.train.run does
-    try:
-        from medlora.train import prepare_model  # the precision/checkpointing choices of medlora.train.run
-    except ImportError:  # before the speed work: the plain recipe
-        prepare_model = None
-    if prepare_model is not None:
-        peft_model, _, speed = prepare_model(cfg, model)
-        trainer, _ = build_trainer(cfg, peft_model, tok, spec["features"], None, out, speed, progress=False)
-    else:
-        speed = {}
-        peft_model, _ = apply_lora(cfg, model)
-        trainer, _ = build_trainer(cfg, peft_model, tok, spec["features"], None, out, progress=False)
+    peft_model, _, speed = prepare_model(cfg, model)  # precision and checkpointing as medlora.train.run picks them
+    trainer, _ = build_trainer(cfg, peft_model, tok, spec["features"], None, out, speed, progress=False)
     trainer.args.disable_tqdm = True
     return trainer, {**{k: v for k, v in cfg.to_dict().items() if k not in ("system_prompt",)}, "resolved": speed}
 
@@ -750,7 +741,9 @@ def parent_main(args) -> int:
     spec_path, data_summary = prepare_data(args, n_rows, workdir)
     log(f"data: {data_summary['rows_selected']} rows, mean {data_summary['tokens_per_row_mean']} tokens")
     peaks = {"theoretical": theoretical_peak(machine), "empirical": empirical_peak()}
-    if machine["flags"].get("avx512_bf16") or machine["flags"].get("amx_bf16"):
+    from medlora.model import cpu_has_native_bf16
+
+    if cpu_has_native_bf16():
         peaks["empirical_bf16"] = empirical_peak(dtype="bfloat16")  # for reading the bf16 contenders' numbers
     log(f"fp32 peak: theoretical {peaks['theoretical']['gflops']} GFLOP/s, torch.mm {peaks['empirical']['gflops']}")
 
