@@ -1,4 +1,5 @@
-"""`medlora chat`: generation presets, loading (adapter, merged folder, base model), determinism, the REPL."""
+"""`medlora chat`: generation presets, the backend interface, loading (adapter, merged folder, base model),
+determinism, the REPL."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ import pytest
 import yaml
 
 from medlora.cli import main
-from medlora.config import DEFAULT_SYSTEM_PROMPT, MedloraError
-from medlora.generate import answer, chat_repl, generate, generation_kwargs, load_for_inference
+from medlora.chat import answer, repl
+from medlora.errors import MedloraError
+from medlora.inference.backend import GenerationParams, TextStream, preset
+from medlora.inference.hf import load_backend
+from medlora.prompts import DEFAULT_SYSTEM_PROMPT
+
+
+def generation_kwargs(mode, **overrides):
+    return preset(mode, **overrides).settings()
 
 QUESTION = "What are the symptoms of anemia?"
 CUSTOM_PROMPT = "You are a cautious assistant for a school nurse."
@@ -34,40 +42,91 @@ def test_preset_values_are_overridable():
         generation_kwargs("beam")
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"max_new_tokens": -5}, "max_new_tokens must be >= 1"), ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+    ({"temperature": 0.0}, "temperature must be > 0"), ({"temperature": float("nan")}, "temperature must be > 0"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"), ({"repetition_penalty": -1.0}, "repetition_penalty must be > 0"),
+])
+def test_generation_settings_are_range_checked(overrides, message, capsys):
+    with pytest.raises(MedloraError, match=message):
+        preset("sample", **overrides)
+    flag, value = next(iter(overrides.items()))
+    assert main(["chat", "--model", "smollm2-135m", "-q", "hi", f"--{flag}", str(value)]) == 2
+    assert capsys.readouterr().err.strip() == f"medlora: error: {message.replace(chr(92), '')}"
+
+
+def test_empty_question_is_an_error_not_the_interactive_chat(capsys):
+    assert main(["chat", "--model", "smollm2-135m", "-q", " "]) == 2
+    assert capsys.readouterr().err.strip() == "medlora: error: --question is empty"
+
+
 def test_chat_needs_a_run_or_a_model(tmp_path, capsys):
     assert main(["chat", "--question", QUESTION]) == 2
     assert main(["chat", str(tmp_path), "--question", QUESTION]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("medlora: error: give a run folder")
-    assert err[1] == (f"medlora: error: {tmp_path}: not a medlora run (no adapter/ and config.yaml) "
-                      "and not a model folder (no config.json)")
+    assert err[1] == (f"medlora: error: {tmp_path}: not a medlora run folder (no adapter/ with config.yaml) "
+                      "nor a model folder (no config.json)")
 
 
 # ---------------------------------------------------------------- loading and answering with the real model
 
 @pytest.fixture(scope="module")
 def from_run(trained_run):
-    return load_for_inference(str(trained_run))
+    return load_backend(str(trained_run))
 
 
 @pytest.fixture(scope="module")
 def greedy():
-    return generation_kwargs("greedy", max_new_tokens=24)
+    return preset("greedy", max_new_tokens=24)
+
+
+@pytest.mark.slow
+def test_backend_streams_pieces_that_join_to_the_answer_with_token_counts(from_run):
+    """The interface every backend implements: stream(messages, params) -> text pieces, then usage."""
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": QUESTION}]
+    seen = {}
+    real = from_run.model.generate
+
+    def spy(**kw):
+        seen["out"] = real(**kw)
+        return seen["out"]
+
+    from_run.model.generate = spy
+    try:
+        stream = from_run.stream(messages, GenerationParams(max_new_tokens=20))
+        assert isinstance(stream, TextStream)
+        pieces = list(stream)
+    finally:
+        del from_run.model.generate
+    tok = from_run.tokenizer
+    prompt_ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    prompt_ids = prompt_ids["input_ids"] if isinstance(prompt_ids, dict) else prompt_ids
+    new = seen["out"][0, len(prompt_ids):].tolist()
+    assert len(pieces) > 3 and all(isinstance(p, str) for p in pieces)
+    assert "".join(pieces) == tok.decode(new, skip_special_tokens=True)
+    assert stream.prompt_tokens == len(prompt_ids) == from_run.count_tokens(messages)
+    assert stream.completion_tokens == len(new) == 20 and stream.finish_reason == "length"
+    # a stream closed early stops generating (a client that hangs up, Ctrl-C)
+    early = from_run.stream(messages, GenerationParams(max_new_tokens=200))
+    next(early)
+    early.close()
+    assert early.completion_tokens == 0
 
 
 @pytest.mark.slow
 def test_adapter_merged_and_base_model_load_and_agree(trained_run, from_run, greedy):
     from peft import PeftModel
 
-    merged = load_for_inference(str(trained_run / "merged_model"))
-    base = load_for_inference(model="smollm2-135m")
+    merged = load_backend(str(trained_run / "merged_model"))
+    base = load_backend(model="smollm2-135m")
     assert isinstance(from_run.model, PeftModel) and "adapter on smollm2-135m" in from_run.description
     assert not isinstance(merged.model, PeftModel) and not isinstance(base.model, PeftModel)
     assert from_run.system_prompt == merged.system_prompt == base.system_prompt == DEFAULT_SYSTEM_PROMPT
 
     tuned_answer = answer(from_run, QUESTION, greedy)
     assert tuned_answer and answer(merged, QUESTION, greedy) == tuned_answer
-    with from_run.model.disable_adapter():
+    with from_run.adapter(False):
         assert answer(from_run, QUESTION, greedy) == answer(base, QUESTION, greedy)
 
 
@@ -79,7 +138,7 @@ def test_run_brings_its_own_training_system_prompt(trained_run, tmp_path):
     cfg = yaml.safe_load(config.read_text())
     cfg["system_prompt"] = "You are a terse clinic assistant."
     config.write_text(yaml.safe_dump(cfg))
-    assert load_for_inference(str(run)).system_prompt == "You are a terse clinic assistant."
+    assert load_backend(str(run)).system_prompt == "You are a terse clinic assistant."
 
 
 @pytest.mark.slow
@@ -123,7 +182,9 @@ def test_answer_stops_at_end_of_turn(from_run, monkeypatch):
     monkeypatch.setattr(from_run.model, "generate", spy)
     messages = [{"role": "system", "content": "Answer in one short sentence."},
                 {"role": "user", "content": "Say hello in one word."}]
-    text = generate(from_run, messages, generation_kwargs("greedy", max_new_tokens=60))
+    stream = from_run.stream(messages, preset("greedy", max_new_tokens=60))
+    text = stream.text()
+    assert stream.finish_reason == "stop"
     new_tokens = seen["out"][0, seen["prompt_len"]:].tolist()
     assert len(new_tokens) < 60 and new_tokens[-1] == from_run.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert text and "<|im_end|>" not in text and "<|im_start|>" not in text
@@ -157,7 +218,7 @@ def test_repl_keeps_history_survives_ctrl_c_and_resets(from_run, monkeypatch, ca
                   "/exit", "never read"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     monkeypatch.setattr(from_run.model, "generate", recording_generate)
-    chat_repl(from_run, generation_kwargs("greedy", max_new_tokens=8), system_prompt=CUSTOM_PROMPT)
+    repl(from_run, preset("greedy", max_new_tokens=8), system_prompt=CUSTOM_PROMPT)
 
     out, err = capsys.readouterr()
     assert len(prompts) == 4 and next(lines) == "never read"

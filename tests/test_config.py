@@ -11,8 +11,11 @@ import pytest
 from transformers import TrainingArguments
 
 from medlora.cli import build_parser, main, parse_args
-from medlora.config import DEFAULT_SYSTEM_PROMPT, MedloraError, TrainConfig, build_config, save_config
-from medlora.train import filter_training_kwargs, unique_output_dir
+from medlora.config import TrainConfig, build_config, save_config
+from medlora.errors import MedloraError
+from medlora.prompts import DEFAULT_SYSTEM_PROMPT
+from medlora.rundir import unique_output_dir
+from medlora.training.trainer import filter_training_kwargs
 
 
 def parse_train(argv):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from medlora.cli import main
-from medlora.config import DEFAULT_SYSTEM_PROMPT, MedloraError
+from medlora.errors import MedloraError
+from medlora.prompts import DEFAULT_SYSTEM_PROMPT
 from medlora.data import (IGNORE_INDEX, encode_example, encode_frame, load_qa_csv, make_collator, prompt_text,
                           split)
 

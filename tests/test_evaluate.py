@@ -14,10 +14,16 @@ import pandas as pd
 import pytest
 
 from medlora.cli import main
-from medlora.config import MedloraError, build_config, save_config
+from medlora.config import build_config, save_config
+from medlora.errors import MedloraError
 from medlora.data import load_qa_csv, split
-from medlora.evaluate import interpret, open_run, render_html, rouge_l_f1, select_rows
-from medlora.train import file_sha256
+from medlora.evals.compare import interpret, rouge_l_f1, select_rows
+from medlora.evals.report import render_html
+from medlora.rundir import RunDir, file_sha256
+
+def open_run(path):
+    return RunDir.open(path).read_config()
+
 
 QUESTION_WITH_MARKUP = "Is <b>salt</b> & sugar bad for <script>blood pressure</script>?"
 
@@ -52,7 +58,7 @@ def fake_run(root, data, sha=None, **cfg_overrides):
 def test_split_is_reproduced_from_the_saved_configuration(tmp_path, sample_csv):
     run = fake_run(tmp_path, sample_csv, test_size=0.2, seed=7, max_eval_samples=5)
     cfg = open_run(run)
-    rows = select_rows(cfg, run, None, samples=3, max_eval_samples=cfg.max_eval_samples)
+    rows = select_rows(cfg, RunDir(run), None, samples=3, max_eval_samples=cfg.max_eval_samples)
     df, _ = load_qa_csv(sample_csv)
     train_df, eval_df = split(df, 0.2, 7)
     pd.testing.assert_frame_equal(rows.loss, eval_df.head(5))
@@ -66,7 +72,7 @@ def test_split_is_reproduced_from_the_saved_configuration(tmp_path, sample_csv):
 
 def test_train_rows_are_limited_to_those_training_used(tmp_path, sample_csv):
     run = fake_run(tmp_path, sample_csv, max_train_samples=2)
-    rows = select_rows(open_run(run), run, None, samples=5, max_eval_samples=None)
+    rows = select_rows(open_run(run), RunDir(run), None, samples=5, max_eval_samples=None)
     train_df, eval_df = split(load_qa_csv(sample_csv)[0], 0.05, 42)
     pd.testing.assert_frame_equal(rows.rouge["train"], train_df.head(2))
     assert len(rows.rouge["eval"]) == 5 and len(rows.loss) == len(eval_df) == 8
@@ -77,10 +83,10 @@ def test_moved_data_file_is_found_through_run_info_or_data(tmp_path, sample_csv)
     run = fake_run(tmp_path, sample_csv)
     cfg = open_run(run)
     cfg.data = "relative/path/that/moved.csv"  # as if trained from another working directory
-    rows = select_rows(cfg, run, None, samples=2, max_eval_samples=None)
+    rows = select_rows(cfg, RunDir(run), None, samples=2, max_eval_samples=None)
     assert set(rows.rouge) == {"train", "eval"} and str(sample_csv) in rows.source
     # --data with the very same bytes under another name still reproduces the run's split
-    rows = select_rows(cfg, run, str(copy), samples=2, max_eval_samples=None)
+    rows = select_rows(cfg, RunDir(run), str(copy), samples=2, max_eval_samples=None)
     assert set(rows.rouge) == {"train", "eval"} and len(rows.loss) == len(split(load_qa_csv(copy)[0], 0.05, 42)[1])
 
 
@@ -89,7 +95,7 @@ def test_changed_data_file_warns(tmp_path, sample_csv, capsys):
     run = fake_run(tmp_path, data)
     with open(data, "a", encoding="utf-8") as f:
         f.write('information,What is new?,"A row added after training."\n')
-    rows = select_rows(open_run(run), run, None, samples=1, max_eval_samples=None)
+    rows = select_rows(open_run(run), RunDir(run), None, samples=1, max_eval_samples=None)
     err = capsys.readouterr().err
     assert "changed since training" in err and err.count("\n") == 1
     assert set(rows.rouge) == {"train", "eval"}
@@ -99,7 +105,7 @@ def test_other_csv_is_evaluated_whole(tmp_path, sample_csv):
     run = fake_run(tmp_path, sample_csv)
     other = tmp_path / "other.csv"
     other.write_text("qtype,Question,Answer\n" + "".join(f"info,Question {i}?,Answer {i}.\n" for i in range(7)))
-    rows = select_rows(open_run(run), run, str(other), samples=3, max_eval_samples=None)
+    rows = select_rows(open_run(run), RunDir(run), str(other), samples=3, max_eval_samples=None)
     assert list(rows.rouge) == ["data"] and len(rows.rouge["data"]) == 3
     assert sorted(rows.loss["Question"]) == sorted(f"Question {i}?" for i in range(7))
     assert rows.source == str(other)
@@ -112,8 +118,8 @@ def test_not_a_run_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2
     assert main(["eval", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"medlora: error: {tmp_path}: not a medlora run (no adapter/ and config.yaml, as written by "
-                   "medlora train)", f"medlora: error: {tmp_path / 'missing'}: no such folder"]
+    assert err == [f"medlora: error: {tmp_path}: not a medlora run folder (no adapter/ with config.yaml)",
+                   f"medlora: error: {tmp_path / 'missing'}: no such folder"]
 
 
 def test_missing_data_file_is_a_clear_error(tmp_path, sample_csv):
@@ -122,7 +128,7 @@ def test_missing_data_file_is_a_clear_error(tmp_path, sample_csv):
     cfg.data = str(tmp_path / "gone.csv")
     (run / "run_info.json").write_text("{}")
     with pytest.raises(MedloraError, match="gone.csv is not found; pass --data"):
-        select_rows(cfg, run, None, samples=1, max_eval_samples=None)
+        select_rows(cfg, RunDir(run), None, samples=1, max_eval_samples=None)
 
 
 # ---------------------------------------------------------------- interpretation and reports

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from medlora.config import MedloraError
-from medlora.model import SMOLLM2, cpu_has_native_bf16, find_lora_targets, resolve_model
+from medlora.errors import MedloraError
+from medlora.cpu import cpu_has_native_bf16
+from medlora.model import SMOLLM2, find_lora_targets, resolve_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 
@@ -58,6 +59,6 @@ def test_local_folder_errors(tmp_path):
 
 
 def test_cpu_bf16_detection_reads_cpu_flags():
-    from medlora.model import cpu_flags
+    from medlora.cpu import cpu_flags
 
     assert cpu_has_native_bf16() == bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})

@@ -109,9 +109,9 @@ def test_ctrl_c_saves_a_resumable_checkpoint(uninterrupted, sample_csv, tmp_path
     last = err.strip().splitlines()[-1]
     assert "checkpoint saved" in last and f"medlora train --resume {out}" in last and "Traceback" not in err
     assert not (out / "metrics.json").exists()
-    from medlora.train import latest_complete_checkpoint
+    from medlora.rundir import RunDir
 
-    ckpt = latest_complete_checkpoint(out)
+    ckpt = RunDir(out).latest_complete_checkpoint()
     assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 2
     assert main(["train", "--resume", str(out)]) == 0
     assert max_adapter_diff(uninterrupted, out) <= 1e-6
@@ -151,7 +151,7 @@ def test_unwritable_output_dir_fails_before_training(sample_csv, tmp_path, capsy
 def test_pickle_weights_are_refused_unless_allowed(smol_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from medlora.config import MedloraError
+    from medlora.errors import MedloraError
     from medlora.model import load_model
 
     model = AutoModelForCausalLM.from_pretrained(smol_dir)
@@ -164,8 +164,8 @@ def test_pickle_weights_are_refused_unless_allowed(smol_dir, tmp_path):
 
 
 def test_too_little_free_disk_is_reported_before_training(tmp_path):
-    from medlora.config import MedloraError
-    from medlora.train import check_output_location
+    from medlora.errors import MedloraError
+    from medlora.rundir import check_output_location
 
     check_output_location(tmp_path / "run", need_bytes=1)  # plenty of room for one byte
     with pytest.raises(MedloraError, match=r"not enough free disk for .*need about 1000000000\.0 GB"):

@@ -14,7 +14,7 @@ import torch
 
 from medlora.cli import main
 from medlora.config import build_config
-from medlora.model import cpu_has_native_bf16
+from medlora.cpu import cpu_has_native_bf16
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +33,11 @@ def reference_losses(sample_csv, smol_dir, tokenizer, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from medlora.train import prepare_data
+    from medlora.data import load_qa_csv
+    from medlora.training.recipe import prepare_data
 
     cfg = build_config(data=str(sample_csv), model="smollm2-135m")
-    _, train, _ = prepare_data(cfg, tokenizer)  # the same rows, tokens and masks both runs see
+    train = prepare_data(cfg, tokenizer, load_qa_csv(cfg.data)).train  # the same rows, tokens and masks both runs see
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(str(smol_dir), dtype=torch.float32)
     model.config.use_cache = False

@@ -1,4 +1,4 @@
-"""`medlora` command: train, data check, chat, eval, merge.
+"""The `medlora` command: a table of subcommands (COMMANDS), each an argument builder and a runner.
 
 Arguments are parsed with ``parse_known_args`` so the ``-f kernel.json`` that Jupyter appends is
 ignored; any other unknown option is still an error (a typo must not silently train with a default).
@@ -13,8 +13,11 @@ import os
 import random
 import sys
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
-from .config import DEFAULT_MODEL, Interrupted, MedloraError, add_config_arguments, build_config
+from .config import DEFAULT_MODEL, add_config_arguments, build_config
+from .errors import Interrupted, MedloraError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Deprecation chatter from transformers/peft internals is noise to our users, not something they can act on.
@@ -42,10 +45,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
     args, unknown = parser.parse_known_args(argv)
     rest = _strip_jupyter_args(unknown)
     if rest:
-        known = [s for a in parser._actions for s in a.option_strings]
-        for sub in parser._subparsers._group_actions if parser._subparsers else []:
-            for p in sub.choices.values():
-                known += [s for a in p._actions for s in a.option_strings]
+        chosen = getattr(args, "parser", parser)  # the subcommand's own flags make the best suggestions
+        known = [s for a in chosen._actions for s in a.option_strings]
         first = rest[0].split("=")[0]
         close = difflib.get_close_matches(first, known, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
@@ -53,67 +54,22 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
     return args
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medlora", description="CPU LoRA fine-tuning for medical Q&A")
-    from . import __version__
+# ---------------------------------------------------------------- train
 
-    parser.add_argument("--version", action="version", version=f"medlora {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    train = sub.add_parser("train", help="fine-tune a model with LoRA on a qtype/Question/Answer CSV")
-    train.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue the run in RUN_DIR from its newest complete checkpoint, with its saved configuration")
-    add_config_arguments(train)
-
-    data = sub.add_parser("data", help="inspect a dataset")
-    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
-    check = data_sub.add_parser("check", help="validate a CSV and print statistics, without training")
-    check.add_argument("file")
-    check.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer counts tokens (default: %(default)s)")
-    check.add_argument("--max_seq_len", "--max-seq-len", type=int, default=512)
-    check.add_argument("--system_prompt", "--system-prompt", default=None)
-    check.add_argument("--json", action="store_true", help="print the statistics as JSON")
-
-    chat = sub.add_parser("chat", help="talk to a fine-tuned run, a merged model, or a base model")
-    chat.add_argument("run_dir", nargs="?", help="run folder (or merged_model/ or any HF model folder)")
-    chat.add_argument("--model", help="base model (alone: chat with the base model; with RUN_DIR: override its base)")
-    chat.add_argument("--question", "-q", help="ask one question, print the answer and exit")
-    chat.add_argument("--mode", choices=("greedy", "sample"), default="greedy")
-    chat.add_argument("--max_new_tokens", "--max-new-tokens", type=int)
-    chat.add_argument("--temperature", type=float)
-    chat.add_argument("--top_p", "--top-p", type=float)
-    chat.add_argument("--repetition_penalty", "--repetition-penalty", type=float)
-    chat.add_argument("--seed", type=int, default=None, help="seed for sampling mode (reproducible answers)")
-    chat.add_argument("--system_prompt", "--system-prompt", default=None)
-    chat.add_argument("--trust_remote_code", action="store_true")
-
-    ev = sub.add_parser("eval", help="compare a run with its base model: eval loss, ROUGE-L, answers side by side")
-    ev.add_argument("run_dir", help="run folder written by medlora train")
-    ev.add_argument("--data", help="evaluate on this CSV (same columns) instead of the run's own split")
-    ev.add_argument("--samples", type=int, default=20,
-                    help="rows per split to answer for ROUGE-L and the side-by-side (default: %(default)s; 0: none)")
-    ev.add_argument("--max_new_tokens", "--max-new-tokens", type=int, help="answer length cap (default: 256)")
-    ev.add_argument("--max_eval_samples", "--max-eval-samples", type=int,
-                    help="eval rows for loss/perplexity (default: the run's setting; 0: all)")
-    ev.add_argument("--show", type=int, default=5, help="side-by-side answers in the report (default: %(default)s)")
-    ev.add_argument("--model", help="base model to put the adapter on (default: the run's)")
-
-    merge = sub.add_parser("merge", help="write RUN_DIR/merged_model/ (base weights with the LoRA folded in)")
-    merge.add_argument("run_dir")
-    return parser
+def train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its newest complete checkpoint, with its saved configuration")
+    add_config_arguments(p)
 
 
 def resume_config(args):
     """The saved configuration of RUN_DIR; options given again must agree with it."""
     from dataclasses import fields
-    from pathlib import Path
 
     from .config import TrainConfig, load_yaml
+    from .rundir import RunDir
 
-    saved_file = Path(args.resume) / "config.yaml"
-    if not saved_file.is_file():
-        raise MedloraError(f"{args.resume}: not a medlora run folder (no config.yaml)")
-    saved = build_config(yaml_path=str(saved_file))
+    saved = RunDir.open(args.resume, finished=False).read_config()
     given = build_config(args)
     explicit = {f.name for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     explicit |= set(load_yaml(args.config)) if args.config else set()
@@ -126,8 +82,28 @@ def resume_config(args):
     return saved
 
 
+def cmd_train(args) -> int:
+    from .training.recipe import run
+
+    if args.resume:
+        run(resume_config(args), resume=args.resume)
+    else:
+        run(build_config(args))
+    return 0
+
+
+# ---------------------------------------------------------------- data check
+
+def data_check_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer counts tokens (default: %(default)s)")
+    p.add_argument("--max_seq_len", "--max-seq-len", type=int, default=512)
+    p.add_argument("--system_prompt", "--system-prompt", default=None)
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+
+
 def cmd_data_check(args) -> int:
-    from .config import DEFAULT_SYSTEM_PROMPT
+    from .prompts import DEFAULT_SYSTEM_PROMPT
     from .data import encode_frame, length_stats, load_qa_csv
     from .model import load_tokenizer, resolve_model
 
@@ -162,72 +138,135 @@ def cmd_data_check(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- chat
+
+def chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", nargs="?", help="run folder (or merged_model/ or any HF model folder)")
+    p.add_argument("--model", help="base model (alone: chat with the base model; with RUN_DIR: override its base)")
+    p.add_argument("--question", "-q", help="ask one question, print the answer and exit")
+    p.add_argument("--mode", choices=("greedy", "sample"), default="greedy")
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top_p", "--top-p", type=float)
+    p.add_argument("--repetition_penalty", "--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling mode (reproducible answers)")
+    p.add_argument("--system_prompt", "--system-prompt", default=None)
+    p.add_argument("--trust_remote_code", action="store_true")
+
+
 def cmd_chat(args) -> int:
-    from .generate import answer, chat_repl, generation_kwargs, load_for_inference
+    from .chat import ask, repl
+    from .inference.backend import preset
+    from .inference.hf import load_backend
 
     if args.run_dir is None and args.model is None:
         raise MedloraError("give a run folder (medlora chat runs/NAME) or --model NAME for the base model")
-    gen = generation_kwargs(args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty)
-    loaded = load_for_inference(args.run_dir, args.model, args.trust_remote_code)
+    if args.question is not None and not args.question.strip():
+        raise MedloraError("--question is empty")
     seed = args.seed
     if args.mode == "sample" and seed is None:  # a fresh seed, shown so the answer can be reproduced
         seed = random.SystemRandom().randrange(2**31)
+    params = preset(args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, seed=seed)
+    backend = load_backend(args.run_dir, args.model, args.trust_remote_code)
     mode = f"{args.mode}, seed {seed}" if args.mode == "sample" else args.mode
-    if args.question:
-        print(f"[{loaded.description}, {mode}]", file=sys.stderr)
-        answer(loaded, args.question, gen, args.system_prompt, stream=sys.stdout, seed=seed)
+    if args.question is not None:
+        print(f"[{backend.description}, {mode}]", file=sys.stderr)
+        ask(backend, args.question, params, args.system_prompt)
         return 0
     print(f"[{mode}]", file=sys.stderr)
-    chat_repl(loaded, gen, args.system_prompt, seed=seed)
+    repl(backend, params, args.system_prompt)
     return 0
+
+
+# ---------------------------------------------------------------- eval
+
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run folder written by medlora train")
+    p.add_argument("--data", help="evaluate on this CSV (same columns) instead of the run's own split")
+    p.add_argument("--samples", type=int, default=20,
+                   help="rows per split to answer for ROUGE-L and the side-by-side (default: %(default)s; 0: none)")
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, help="answer length cap (default: 256)")
+    p.add_argument("--max_eval_samples", "--max-eval-samples", type=int,
+                   help="eval rows for loss/perplexity (default: the run's setting; 0: all)")
+    p.add_argument("--show", type=int, default=5, help="side-by-side answers in the report (default: %(default)s)")
+    p.add_argument("--model", help="base model to put the adapter on (default: the run's)")
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_run
+    from .evals.compare import evaluate_run
+    from .evals.report import REPORT_HTML
 
     out = evaluate_run(args.run_dir, data=args.data, samples=args.samples, max_new_tokens=args.max_new_tokens,
                        max_eval_samples=args.max_eval_samples, show=args.show, model=args.model)
-    print(out / "report.html")
+    print(out / REPORT_HTML)
     return 0
+
+
+# ---------------------------------------------------------------- merge
+
+def merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
 
 
 def cmd_merge(args) -> int:
-    from pathlib import Path
+    from .export.merge import merge_run
+    from .rundir import RunDir
 
-    from .generate import is_run_dir, load_for_inference
-    from .train import merge_and_save
-
-    if not is_run_dir(Path(args.run_dir)):
-        raise MedloraError(f"{args.run_dir}: not a medlora run (no adapter/ and config.yaml)")
-    loaded = load_for_inference(args.run_dir)
-    out = merge_and_save(loaded.model, loaded.tokenizer, Path(args.run_dir) / "merged_model")
-    print(out)
+    print(merge_run(RunDir.open(args.run_dir)))
     return 0
+
+
+# ---------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class Command:
+    name: str                                            # "train", or "data check" for a nested command
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS = (
+    Command("train", "fine-tune a model with LoRA on a qtype/Question/Answer CSV", train_arguments, cmd_train),
+    Command("data check", "validate a CSV and print statistics, without training", data_check_arguments,
+            cmd_data_check),
+    Command("chat", "talk to a fine-tuned run, a merged model, or a base model", chat_arguments, cmd_chat),
+    Command("eval", "compare a run with its base model: eval loss, ROUGE-L, answers side by side", eval_arguments,
+            cmd_eval),
+    Command("merge", "write RUN_DIR/merged_model/ (base weights with the LoRA folded in)", merge_arguments, cmd_merge),
+)
+GROUPS = {"data": "inspect a dataset"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="medlora", description="CPU LoRA fine-tuning for medical Q&A")
+    parser.add_argument("--version", action="version", version=f"medlora {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for command in COMMANDS:
+        group, _, name = command.name.rpartition(" ")
+        if group and group not in groups:
+            groups[group] = sub.add_parser(group, help=GROUPS[group]).add_subparsers(
+                dest=f"{group}_command", metavar="SUBCOMMAND")
+        p = (groups[group] if group else sub).add_parser(name, help=command.help)
+        command.arguments(p)
+        p.set_defaults(handler=command.run, parser=p)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parse_args(parser, argv)
-        if args.command == "train":
-            from .train import run
-
-            if args.resume:
-                run(resume_config(args), resume=args.resume)
-            else:
-                run(build_config(args))
-            return 0
-        if args.command == "data" and args.data_command == "check":
-            return cmd_data_check(args)
-        if args.command == "chat":
-            return cmd_chat(args)
-        if args.command == "eval":
-            return cmd_eval(args)
-        if args.command == "merge":
-            return cmd_merge(args)
-        (parser if args.command != "data" else parser._subparsers._group_actions[0].choices["data"]).print_help()
-        return 2
+        handler = getattr(args, "handler", None)
+        if handler is None:  # `medlora` or `medlora data` alone: what can follow
+            group = getattr(args, "command", None)
+            (parser if group is None else parser._subparsers._group_actions[0].choices[group]).print_help()
+            return 2
+        return handler(args)
     except Interrupted as e:
         print(f"medlora: {e}", file=sys.stderr)
         return 130

@@ -16,24 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from .errors import MedloraError
+from .prompts import DEFAULT_SYSTEM_PROMPT
+
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
-
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a careful medical information assistant. Give accurate, educational answers in plain "
-    "language. You do not diagnose or prescribe: remind the user to see a doctor or other qualified "
-    "clinician for personal medical advice, diagnosis or treatment. If the question mentions possible "
-    "emergency signs (such as chest pain, trouble breathing, signs of stroke, severe bleeding, "
-    "confusion, or thoughts of self-harm), tell the user to call their local emergency number or go "
-    "to the nearest emergency department right away."
-)
-
-
-class MedloraError(Exception):
-    """An error caused by the user's input; the CLI prints it as one line and exits with code 2."""
-
-
-class Interrupted(MedloraError):
-    """Ctrl-C during training, after a resumable checkpoint was saved (the CLI exits with code 130)."""
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import MedloraError
+from .errors import MedloraError
 
 COLUMNS = ("qtype", "Question", "Answer")
 IGNORE_INDEX = -100

@@ -6,13 +6,12 @@ import importlib.util
 import os
 import shutil
 import socket
-import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
-from .config import MedloraError
+from .errors import MedloraError, log
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -21,10 +20,6 @@ LORA_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_pr
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MEDLORA_CACHE", Path.home() / ".cache" / "medlora"))
-
-
-def _log(msg: str) -> None:
-    print(f"medlora: {msg}", file=sys.stderr, flush=True)
 
 
 def smollm2_folder() -> Path:
@@ -48,7 +43,7 @@ def smollm2_folder() -> Path:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _log(f"converting {SMOLLM2_GGUF} to a cached HF folder in {target} (once, ~30 s)")
+    log(f"converting {SMOLLM2_GGUF} to a cached HF folder in {target} (once, ~30 s)")
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     config = gguf_model.config
@@ -156,16 +151,14 @@ def find_lora_targets(model: torch.nn.Module) -> list[str]:
     return [n for n in LORA_TARGET_NAMES if n in found]
 
 
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def load_run_model(run, base: str | None = None, trust_remote_code: bool = False):
+    """A finished run's adapter on its base model, in fp32: (PeftModel, tokenizer, base model name).
+    ``base`` overrides the run's own base model; the tokenizer and chat template come from the adapter."""
+    from peft import PeftModel
 
+    from .config import TrainConfig
 
-def cpu_has_native_bf16() -> bool:
-    """True where bf16 matmuls run natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    base_name = base or run.read_config_raw().get("model") or TrainConfig.model
+    tokenizer = load_tokenizer(str(run.adapter_dir), trust_remote_code)
+    base_model = load_model(resolve_model(base_name), trust_remote_code)
+    return PeftModel.from_pretrained(base_model, str(run.adapter_dir)), tokenizer, base_name

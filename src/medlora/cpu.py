@@ -1,0 +1,95 @@
+"""What this CPU can do, and the speed plan a training run follows on it.
+
+medlora never assumes a CPU class: native bf16 (AVX512-BF16 or AMX) is read from the CPU flags, and
+gradient checkpointing is chosen from the RAM that is free once the model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import log
+
+
+def cpu_flags() -> set[str]:
+    """The flags line of /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where bf16 matmuls run natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_summary() -> dict:
+    """The CPU model and the vector flags that decide medlora's speed, for run_info.json and benchmarks."""
+    model = ""
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    except OSError:
+        pass
+    flags = cpu_flags()
+    watched = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return {"model": model, "flags": [f for f in watched if f in flags]}
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """How one training run uses this CPU; saved in run_info.json with the reasons."""
+
+    precision: str                    # "fp32" or "bf16" (bf16: frozen base weights in bf16 + autocast)
+    gradient_checkpointing: bool
+    gradient_checkpointing_why: str
+    answer_only_lm_head: bool         # the LM head runs on answer positions only (see training/losses.py)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_precision(requested: str) -> str:
+    """'bf16' or 'fp32' for this run: bf16 only where the CPU multiplies bf16 natively."""
+    if requested == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if requested == "bf16" and not cpu_has_native_bf16():
+        log("warning: this CPU has no native bf16 (avx512_bf16/amx_bf16); bf16 is emulated and many times "
+            "slower than fp32 here")
+    return requested
+
+
+# Values kept for the backward pass per token and decoder layer without gradient checkpointing, in units of
+# the activation element size: roughly the saved inputs of the 7 LoRA projections and their dropout copies,
+# norms, attention and the MLP's intermediate tensors. Sized to over-estimate what was measured (Qwen2.5-1.5B
+# architecture, fp32, 512 tokens: 7.4 GB above the weights, estimate 8.5 GB), so "auto" errs towards on.
+ACT_PER_HIDDEN, ACT_PER_INTERMEDIATE = 34, 9
+CHECKPOINTING_HEADROOM = 0.75  # use at most this share of the RAM that is free after the model is loaded
+
+
+def activation_bytes(model_config, seq_len: int, batch: int, precision: str) -> int:
+    """Estimated activation memory of one micro-batch of seq_len tokens, without gradient checkpointing."""
+    hidden = model_config.hidden_size
+    intermediate = getattr(model_config, "intermediate_size", 4 * hidden)
+    per_token_layer = ACT_PER_HIDDEN * hidden + ACT_PER_INTERMEDIATE * intermediate
+    vocab_logits = 3 * model_config.vocab_size * 4  # a few fp32 rows of logits per answer token (loss + grad)
+    elem = 2 if precision == "bf16" else 4
+    return batch * seq_len * (model_config.num_hidden_layers * per_token_layer * elem + vocab_logits)
+
+
+def resolve_checkpointing(requested: str, model_config, seq_len: int, batch: int,
+                          precision: str) -> tuple[bool, str]:
+    """(use gradient checkpointing?, why). 'auto' turns it off when the longest micro-batch fits in free RAM."""
+    if requested != "auto":
+        return requested == "on", f"--gradient_checkpointing {requested}"
+    import psutil
+
+    need = activation_bytes(model_config, seq_len, batch, precision)
+    free = psutil.virtual_memory().available
+    on = need > CHECKPOINTING_HEADROOM * free
+    return on, f"auto: activations need ~{need / 1e9:.1f} GB at {seq_len} tokens, {free / 1e9:.1f} GB of RAM free"

@@ -1,0 +1,1 @@
+"""`medlora eval`: the measurements (compare.py) and the reports they are written to (report.py)."""

@@ -1,0 +1,1 @@
+"""Getting a trained run out of medlora: merged HF weights (merge.py)."""

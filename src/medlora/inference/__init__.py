@@ -1,0 +1,1 @@
+"""Inference backends behind one interface (backend.py); today's is transformers (hf.py)."""

@@ -1,0 +1,262 @@
+"""The run folder: the one module that knows its file names and how each is written.
+
+    RUN/
+      config.yaml          the resolved TrainConfig (``medlora train --config RUN/config.yaml`` reruns it)
+      run_info.json        data checksum, row counts, LoRA targets, versions, the speed plan and why
+      base_eval.json       the base model's eval loss, measured before training
+      checkpoint-N/        resumable Trainer checkpoints; complete only once medlora_complete.json exists
+      adapter/             the PEFT adapter + tokenizer (written atomically)
+      trainer_state.json   the Trainer's log history
+      loss_curve.png       training loss per optimizer step
+      merged_model/        optional: base weights with the adapter folded in (written atomically)
+      metrics.json         written last: its presence means the run finished
+      eval/, eval-NAME/    reports written by ``medlora eval``
+
+Every JSON file and folder is written under a temporary name and renamed into place, so a reader (or a
+resume after a crash) never sees a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+from .errors import MedloraError, log
+
+CONFIG = "config.yaml"
+RUN_INFO = "run_info.json"
+METRICS = "metrics.json"
+BASE_EVAL = "base_eval.json"
+ADAPTER = "adapter"
+MERGED = "merged_model"
+TRAINER_STATE = "trainer_state.json"
+LOSS_CURVE = "loss_curve.png"
+CHECKPOINT_PREFIX = "checkpoint-"
+COMPLETE = "medlora_complete.json"
+EVAL = "eval"
+REPORT_MD, REPORT_HTML = "report.md", "report.html"  # in eval/, beside its own metrics.json
+
+
+# ---------------------------------------------------------------- writing without half-written files
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from the run folder, or {} when the file is absent or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def atomic_dir(final: Path, write: Callable[[Path], object]) -> Path:
+    """Call write(tmp_dir), then rename into place, so readers never see a half-written folder."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+# ---------------------------------------------------------------- choosing and checking a location
+
+def unique_output_dir(path: str | Path) -> Path:
+    """The path itself if absent or empty, else a timestamped sibling (never overwrite a run)."""
+    path = Path(path)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return path
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate = path.with_name(f"{path.name}-{stamp}")
+    n = 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{stamp}-{n}")
+    return candidate
+
+
+def check_output_location(path: Path, need_bytes: int = 0) -> None:
+    """Fail before training if the run folder cannot be written or the disk is too full."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise MedloraError(f"cannot create output_dir {path}: {probe} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".medlora-write-test")
+        os.close(fd)
+        os.remove(name)
+    except OSError as e:
+        raise MedloraError(f"cannot write to output_dir {path} ({e.strerror})") from None
+    free = shutil.disk_usage(probe).free
+    if need_bytes and free < need_bytes:
+        raise MedloraError(f"not enough free disk for {path}: need about {need_bytes / 1e9:.1f} GB for checkpoints "
+                           f"and artifacts, {free / 1e9:.1f} GB free")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def mark_complete(checkpoint: Path) -> None:
+    """Record every file's size once the Trainer has finished writing the checkpoint."""
+    sizes = {str(p.relative_to(checkpoint)): p.stat().st_size
+             for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != COMPLETE}
+    write_json_atomic(checkpoint / COMPLETE, {"files": sizes})
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """A checkpoint counts only if its marker exists and every listed file still has its recorded size
+    (a process killed while writing leaves no marker, or files that no longer match)."""
+    try:
+        sizes = json.loads((checkpoint / COMPLETE).read_text())["files"]
+        return bool(sizes) and all((checkpoint / f).stat().st_size == n for f, n in sizes.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(CHECKPOINT_PREFIX):])
+
+
+# ---------------------------------------------------------------- the run folder
+
+class RunDir:
+    """A medlora run folder. ``RunDir(path)`` names one; ``RunDir.open`` checks that it is one."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # -- what is in it
+    config_file = property(lambda self: self.path / CONFIG)
+    info_file = property(lambda self: self.path / RUN_INFO)
+    metrics_file = property(lambda self: self.path / METRICS)
+    base_eval_file = property(lambda self: self.path / BASE_EVAL)
+    adapter_dir = property(lambda self: self.path / ADAPTER)
+    merged_dir = property(lambda self: self.path / MERGED)
+    loss_curve = property(lambda self: self.path / LOSS_CURVE)
+
+    def has_adapter(self) -> bool:
+        return (self.adapter_dir / "adapter_config.json").is_file()
+
+    def is_finished_run(self) -> bool:
+        """An adapter and its configuration: what chat, eval, merge and export need."""
+        return self.has_adapter() and self.config_file.is_file()
+
+    @staticmethod
+    def is_merged_model(path: Path) -> bool:
+        """A merged_model/ folder inside a run (it brings the run's system prompt along)."""
+        return path.name == MERGED and (path.parent / CONFIG).is_file()
+
+    @classmethod
+    def open(cls, path: str | Path, finished: bool = True) -> "RunDir":
+        """The run folder at ``path``; one clear error for anything else. ``finished=False`` accepts a run
+        that has a configuration but no adapter yet (one to resume)."""
+        run = cls(path)
+        if not run.path.is_dir():
+            raise MedloraError(f"{run.path}: no such folder")
+        if not (run.is_finished_run() if finished else run.config_file.is_file()):
+            raise run.not_a_run()
+        return run
+
+    def not_a_run(self, extra: str = "") -> MedloraError:
+        """The one wording of "this folder is not a run" (``extra``: what else it is not)."""
+        return MedloraError(f"{self.path}: not a medlora run folder (no {ADAPTER}/ with {CONFIG}){extra}")
+
+    # -- configuration and JSON files
+    def read_config(self):
+        from .config import build_config
+
+        return build_config(yaml_path=str(self.config_file))
+
+    def read_config_raw(self) -> dict:
+        from .config import load_yaml
+
+        return load_yaml(self.config_file)
+
+    def write_config(self, cfg) -> None:
+        from .config import save_config
+
+        tmp = self.config_file.with_name(CONFIG + ".tmp")
+        save_config(cfg, tmp)
+        os.replace(tmp, self.config_file)
+
+    def read_info(self) -> dict:
+        return read_json(self.info_file)
+
+    def write_info(self, info: dict) -> None:
+        write_json_atomic(self.info_file, info)
+
+    def read_metrics(self) -> dict:
+        return read_json(self.metrics_file)
+
+    def write_metrics(self, metrics: dict) -> None:
+        """Last file of a training run: its presence means the run finished."""
+        write_json_atomic(self.metrics_file, metrics)
+
+    def read_base_eval(self) -> dict | None:
+        return read_json(self.base_eval_file) or None
+
+    def write_base_eval(self, base: dict) -> None:
+        write_json_atomic(self.base_eval_file, base)
+
+    def trainer_state(self, checkpoint: Path | None = None) -> dict:
+        return read_json((checkpoint or self.path) / TRAINER_STATE)
+
+    def system_prompt(self) -> str | None:
+        return self.read_config_raw().get("system_prompt") if self.config_file.is_file() else None
+
+    # -- checkpoints
+    def checkpoint(self, step: int) -> Path:
+        return self.path / f"{CHECKPOINT_PREFIX}{step}"
+
+    def checkpoints(self) -> list[Path]:
+        """checkpoint-N folders, newest first."""
+        found = [p for p in self.path.glob(f"{CHECKPOINT_PREFIX}*")
+                 if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+        return sorted(found, key=checkpoint_step, reverse=True)
+
+    def latest_complete_checkpoint(self) -> Path | None:
+        for ckpt in self.checkpoints():
+            if is_complete(ckpt):
+                return ckpt
+            log(f"skipping incomplete checkpoint {ckpt.name} (the process was stopped while writing it)")
+        return None
+
+    def remove_checkpoints_after(self, checkpoint: Path) -> None:
+        """Newer but incomplete checkpoints: useless, and in the way of the new saves."""
+        for stale in self.checkpoints():
+            if checkpoint_step(stale) > checkpoint_step(checkpoint):
+                shutil.rmtree(stale)
+
+    # -- artifacts
+    def write_adapter(self, model, tokenizer) -> Path:
+        return atomic_dir(self.adapter_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+
+    def eval_dir(self, data: str | None = None) -> Path:
+        """Where ``medlora eval`` writes: eval/ for the run's own split, eval-NAME/ for another CSV."""
+        return self.path / (EVAL if data is None else f"{EVAL}-{Path(data).stem}")

@@ -1,0 +1,641 @@
+"""Red-flag guard: a keyword safety net for medical emergencies in user messages.
+
+This module scans a user's message with documented regular expressions for signs of a
+medical emergency (crushing chest pain, a drooping face, a swollen throat, "took the whole
+bottle", "i want to die", ...). When one matches, the caller puts a fixed emergency notice
+(:func:`check`, :func:`format_answer`) above the model's answer. The notice text is
+written here, never by the model, so a fine-tune cannot change or drop it.
+
+It is a **keyword safety net, not a triage system**:
+
+* It does not diagnose, rank urgency or decide that a message is safe. An empty result
+  means only that no pattern matched; the model's answer is still general information.
+* It reads only the one message, in English, with no memory of the conversation,
+  no spelling correction beyond a few typos built into the patterns, and no
+  understanding of negation or sarcasm ("i am NOT having chest pain" still matches).
+* It can miss emergencies phrased in ways the patterns do not cover, and it can fire on
+  a message that only sounds urgent. Both directions are measured on hand-written test
+  sets in ``data/safety/`` (``tests/test_safety_guard.py``).
+
+How matching works: the message is normalised (:func:`normalize`: lowercase, straight
+quotes, apostrophes dropped so "can't" becomes "cant", common negations contracted,
+hyphens and whitespace collapsed). Each category in :data:`RED_FLAGS` has rules; a rule
+is a tuple of regexes that must *all* match somewhere in the message. Rules marked
+``needs_context`` fire only when the message is also about a real person right now
+(:data:`CONTEXT_PATTERNS`: "i", "my dad", "she", "right now", "what do i do", or a
+message that does not open like an encyclopedia question). That is what keeps "what
+are the symptoms of a stroke" quiet while "my dad's face is drooping" fires. Rules for
+phrases that are urgent in any framing ("took the whole bottle", "kill myself") fire
+alone.
+
+Only the standard library is used. All notice text and all patterns live in this module.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+__all__ = [
+    "NOTICE_HEADER",
+    "RED_FLAGS",
+    "GuardResult",
+    "RedFlag",
+    "Rule",
+    "build_notice",
+    "check",
+    "detect",
+    "format_answer",
+    "normalize",
+]
+
+# --------------------------------------------------------------------------------------
+# Notice text (fixed; never produced by the model)
+# --------------------------------------------------------------------------------------
+
+NOTICE_HEADER = "⚠ EMERGENCY NOTICE (medlora safety guard)"
+DEFAULT_EMERGENCY_NUMBER = (
+    "your local emergency number (for example 911 in the US and Canada, 112 in the EU, "
+    "999 in the UK)"
+)
+NOTICE_SIGNS = "Your message mentions signs that can be a medical emergency ({labels})."
+NOTICE_CALL = (
+    "Call {number} now, or go to the nearest emergency department. "
+    "Do not wait for an answer here."
+)
+CRISIS_LINE = (
+    "If you are thinking about harming yourself, call or text a crisis line now: 988 in "
+    "the US, or {number}; you are not alone."
+)
+POISON_CONTROL = (
+    "For a possible poisoning or overdose you can also call a poison control centre "
+    "(1-800-222-1222 in the US), but if the person is hard to wake, having a seizure or "
+    "struggling to breathe, call {number} first."
+)
+NOTICE_FOOTER = (
+    "The rest of this reply is general information from an AI model, not medical advice."
+)
+
+# --------------------------------------------------------------------------------------
+# Pattern building blocks (applied to the normalised message)
+# --------------------------------------------------------------------------------------
+
+# "Is this about a real person right now?" Any one of these is enough.
+CONTEXT_PATTERNS: tuple[str, ...] = (
+    # first person, or a third person the writer is talking about
+    r"\b(?:i|im|ive|id|me|my|myself|we|our|us|he|hes|him|his|himself|she|shes|her|"
+    r"herself|they|theyre|them|their)\b",
+    # relatives and people around the writer
+    r"\b(?:mom|mum|mommy|mummy|mother|dad|daddy|father|wife|husband|partner|boyfriend|"
+    r"girlfriend|son|daughter|baby|babies|newborn|infant|toddler|kid|kids|child|boy|girl|"
+    r"brother|sister|grandma|grandpa|granny|grandmother|grandfather|nan|friend|roommate|"
+    r"flatmate|neighbou?r|coworker|colleague)\b",
+    # urgency and time words
+    r"\b(?:right now|just now|now|tonight|currently|still|minutes? ago|mins? ago|"
+    r"an hour ago|help|emergency|asap|what do i do|what should i do)\b",
+    # a report rather than an encyclopedia-style question ("coughing up blood",
+    # "thunderclap headache started a minute ago")
+    r"^(?!(?:what|whats|how|why|when|where|who|whom|which|is|are|am|can|could|does|do|"
+    r"did|should|would|will|was|were|may|might|define|describe|explain|list|tell|"
+    r"information|info|facts|symptoms?|signs?|causes?|treatments?|risks?|types?)\b)",
+)
+
+_CHEST = r"(?:chest|chset|chets|chestt|ches)"
+_BELLY = r"(?:stomach|stomache|stomch|belly|abdomen|abdominal|tummy|gut)"
+_SEIZ = r"(?:seizures?|seizing|fits?|fitting|convulsions?|convulsing)"
+_SUDDEN = (
+    r"\b(?:sudden|suddenly|all of a sudden|out of nowhere|out of the blue|just now|"
+    r"minutes? ago|mins? ago|an hour ago|one side|half)\b"
+)
+_SEVERE = (
+    r"\b(?:really|very|so|bad|badly|worse|worsening|severe|cant|wont|barely|blue|"
+    r"not helping|isnt helping|isnt working|sudden|suddenly)\b"
+)
+_DRUG = (
+    r"(?:pills?|tablets?|tabs|capsules?|caps|meds|medicines?|medications?|tylenol|"
+    r"paracetamol|acetaminophen|ibuprofen|advil|aspirin|xanax|valium|benzos?|oxy\w*|"
+    r"percocet|opioids?|fentanyl|antidepressants?|insulin|gummies)"
+)
+_POISON = (
+    r"(?:bleach|detergent|(?:laundry |dishwasher |washing |tide )?pods?|antifreeze|"
+    r"(?:button )?batter(?:y|ies)|magnets?|drain cleaner|oven cleaner|"
+    r"cleaning (?:product|fluid|liquid|spray)s?|(?:rat |mouse )?poison|weed ?killer|"
+    r"pesticides?|insecticides?|lighter fluid|gasoline|petrol|lamp oil|paraffin|kerosene|"
+    r"wild mushrooms?|poisonous \w+|nail polish remover|e liquid|vape (?:juice|liquid)|"
+    r"chemicals?|mouthwash|hand saniti[sz]er)"
+)
+_BREATHLESS = (
+    r"(?:short(?:ness)? of breath|breathless\w*|out of breath|"
+    r"cant (?:catch|get) (?:my|his|her|their|a) breath|"
+    r"(?:hurts|painful|pain|hard|difficult) (?:to|when (?:i |he |she |they )?)breath\w*|"
+    r"chest pain|pain in (?:my |his |her |their |the )?chest|"
+    r"cough\w* (?:up )?blood|heart (?:is )?(?:racing|pounding)|racing heart|"
+    r"pass(?:ed)? out|faint\w*)"
+)
+_NOT_A_BLOOD_TEST = r"(?! (?:test|tests|pressure|sugar|work|count|type|results?|donation|draw))"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """All regexes in ``all_of`` must match; with ``needs_context`` the message must
+    also match one of :data:`CONTEXT_PATTERNS`."""
+
+    all_of: tuple[re.Pattern[str], ...]
+    needs_context: bool = True
+
+
+@dataclass(frozen=True)
+class RedFlag:
+    """One emergency category: slug, human label, rules, and an extra notice line."""
+
+    category: str
+    label: str
+    rules: tuple[Rule, ...]
+    #: Extra line for the notice (formatted with ``number=``), or None for the
+    #: standard "call the emergency number / go to the emergency department" only.
+    advice: str | None = None
+
+
+def _ctx(*regexes: str) -> Rule:
+    """Rule that fires when every regex matches and the message has personal context."""
+    return Rule(tuple(re.compile(r) for r in regexes), needs_context=True)
+
+
+def _alone(*regexes: str) -> Rule:
+    """Rule for phrases that are urgent in any framing: fires without context."""
+    return Rule(tuple(re.compile(r) for r in regexes), needs_context=False)
+
+
+# --------------------------------------------------------------------------------------
+# The categories, in the order detect() reports them
+# --------------------------------------------------------------------------------------
+
+RED_FLAGS: tuple[RedFlag, ...] = (
+    # Unambiguous phrases fire alone; "this headache is killing me" and "dying to know"
+    # match nothing.
+    RedFlag(
+        "self_harm",
+        "thoughts of suicide or self-harm",
+        advice=CRISIS_LINE,
+        rules=(
+            _alone(r"\bkill(?:ing)? (?:my ?self|myself)\b"),
+            _alone(r"\b(?:end|ending|take|taking) (?:my (?:own )?life|it all)\b"),
+            _alone(r"\bbetter off (?:without me|dead|if i (?:was|were) (?:dead|gone))"),
+            _alone(r"\b(?:dont|doesnt) want to (?:be here|live|be alive|exist|go on)\b"),
+            _alone(r"\bwish (?:i|he|she) (?:was|were|could be) dead\b"),
+            _ctx(
+                r"\b(?:want|wants|wanna|wanted|wish|wishes|wishing|going|gonna|ready|plan"
+                r"|planning) (?:to )?(?:die|be dead|not be alive|not exist|not wake up)\b"
+                r"(?! (?:my|her|his|their|your|the) hair)"
+            ),
+            _ctx(r"\bsuicid\w*"),
+            _ctx(r"\b(?:i|im|ive|been|keep|keeps|started|still|is|hes|shes|are|was) (?:\w+ )?"
+                 r"self harm\w*|\b(?:cutting|hurting|harming) (?:my|him|her|them)sel(?:f|ves)\b"),
+            _ctx(r"\bcant go on\b(?: anymore| any more| like this| living|$|[.,!])"),
+            _ctx(r"\b(?:no|whats the|what is the) (?:point|reason) (?:in |of |to )?"
+                 r"(?:living|live|life|going on|being alive|carrying on)\b"),
+            _ctx(r"\bwant (?:it all|everything|it) to (?:stop|end)\b"),
+        ),
+    ),
+    RedFlag(
+        "overdose_poisoning",
+        "overdose or poisoning",
+        advice=POISON_CONTROL,
+        rules=(
+            _alone(r"\b(?:took|taken|take|swallowed|ate|eaten|drank|had|downed|popped) "
+                   r"(?:the |a |my |his |her |an )?(?:whole|entire|full|rest of (?:the|my|his|her)) "
+                   r"(?:bottle|pack|packet|box|blister|strip|supply)"),
+            _alone(rf"\b(?:took|taken|swallowed|ate|eaten) all (?:of )?(?:my|his|her|the|their) "
+                   rf"(?:\w+ )?{_DRUG}"),
+            _alone(rf"\b(?:took|taken|swallowed|ate|eaten|downed|drank) (?:a|an|half a|half the|"
+                   rf"most of (?:a|the|my|his|her)) (?:\w+ )?(?:bottle|pack|packet|box|blister|strip)"
+                   rf" of (?:\w+ )?{_DRUG}"),
+            # "took like 20 tylenol", "took too many pills", "took a bunch of xanax"
+            _ctx(rf"\b(?:took|taken|swallowed|ate|eaten|had|popped|downed)\b.{{0,20}}"
+                 rf"\b(?:too many|a (?:bunch|handful|load|lot)|loads|lots|"
+                 rf"[1-9]\d+|ten|twenty|thirty|forty|fifty)\b.{{0,25}}\b{_DRUG}\b"),
+            _ctx(r"\boverdos\w*|\bod(?:d|ed|ing)\b"),
+            _ctx(rf"\b(?:drank|drunk|drink|drinking|swallowed|swallow|swallowing|ate|eaten|"
+                 rf"eating|bit|bitten|biting|chewed|chewing|licked|sucked|got into|into|"
+                 rf"inhaled|sprayed)\b.{{0,30}}\b{_POISON}\b"),
+            # a child who got into someone's medicine
+            _ctx(rf"\b(?:ate|eaten|eat|swallowed|chewed|got into|into)\b.{{0,30}}\b{_DRUG}\b",
+                 r"\b(?:son|daughter|kid|kids|child|toddler|baby|boy|girl)\b|"
+                 r"\b\d+ (?:year|yr|month) old\b"),
+            _ctx(r"(?<!food )\bpoisoned\b"),
+            _ctx(r"\bcarbon monoxide\b|\bco (?:alarm|detector)\b",
+                 r"\b(?:alarm|detector|going off|beeping|dizzy|headache|sick|nause\w*|faint\w*|"
+                 r"confus\w*|drowsy|pass\w* out|collapsed)\b"),
+            _ctx(rf"\b(?:mixed|mixing|with)\b.{{0,20}}\b(?:alcohol|vodka|beer|wine|drinks?)\b",
+                 rf"\b(?:took|taken|swallowed|popped|had)\b.{{0,30}}\b{_DRUG}\b",
+                 r"\b(?:wont|cant|not|isnt|barely|hardly) (?:wake|respond\w*|breath\w*)"),
+        ),
+    ),
+    RedFlag(
+        "chest_pain",
+        "chest pain or a possible heart attack",
+        rules=(
+            _ctx(r"\bhaving (?:a |another )?heart attack\b"),
+            _ctx(r"\b(?:think|thinks|thought|feels? like|might be|may be|could be)\b"
+                 r".{0,30}\bheart attack\b"),
+            _ctx(rf"\b{_CHEST}\b.{{0,25}}\b(?:pain|pains|hurt|hurts|hurting|pressure|tight|"
+                 rf"tightness|crush\w*|squeez\w*|heav\w*|elephant|weight|ache|aching)\b"),
+            _ctx(rf"\b(?:pain|pains|pressure|tightness|heaviness|crushing|squeezing)\b"
+                 rf".{{0,15}}\bin (?:the |my |his |her |their )?{_CHEST}\b"),
+            _ctx(rf"\bclutch\w* (?:at )?(?:his|her|my|their|the) {_CHEST}\b"),
+        ),
+    ),
+    RedFlag(
+        "stroke",
+        "a possible stroke",
+        rules=(
+            _ctx(r"\bhaving (?:a |another )?stroke\b"),
+            _ctx(r"\b(?:think|thinks|might be|may be|could be|looks like)\b.{0,30}\bstroke\b"),
+            _ctx(r"\b(?:face|mouth|smile|lips?|eye)\b.{0,25}\bdroop\w*|"
+                 r"\bdroop\w*\b.{0,25}\b(?:face|mouth|smile|lips?|one side)\b"),
+            _ctx(r"\bslurr\w*"),
+            _ctx(r"\b(?:talking|speaking|speech|talks|sounds|words)\b.{0,15}\b(?:funny|weird|"
+                 r"strange|odd|garbled|jumbled|wrong|gibberish|mixed up)\b"),
+            _ctx(r"\bcant (?:speak|talk)\b", _SUDDEN + r"|\b(?:properly|clearly|right)\b"),
+            _ctx(r"\bcant (?:move|lift|feel|use|raise)\b.{0,20}\b(?:arm|leg|hand|face|side)\b"),
+            _ctx(r"\b(?:face|arm|leg|hand|side)\b.{0,20}\b(?:numb|weak|limp|dead)\b", _SUDDEN),
+            _ctx(r"\b(?:sudden|suddenly)\b.{0,30}\b(?:blind|lost (?:my|his|her) vision|cant see)\b"),
+        ),
+    ),
+    RedFlag(
+        "breathing",
+        "severe trouble breathing",
+        rules=(
+            _ctx(r"\bcant (?:breath|breathe|breathing|get (?:a |my |his |her |their )?breath|"
+                 r"catch (?:my|his|her|their|a) breath)\b"
+                 r"(?! (?:through|thru|out of|from|in through) (?:my|his|her|the|their) nose)"),
+            _ctx(r"\b(?:turn\w*|going|gone|went) (?:blue|grey|gray)\b|\bblue lips\b|"
+                 r"\blips (?:are |look |is |turning )?(?:blue|grey|gray)\b"),
+            _ctx(r"\bgasp\w* for (?:air|breath)"),
+            _ctx(r"\b(?:struggl\w*|fight\w*|battl\w*) (?:to|for) (?:breath\w*|air)\b"),
+            _ctx(r"\b(?:trouble|difficulty|difficult|hard time|problems?) breath\w*", _SEVERE),
+            _ctx(r"\bcant (?:finish|complete|say) (?:a )?(?:full )?sentence|"
+                 r"\bcan barely (?:talk|speak|breath\w*)\b|\bbarely breath\w*"),
+            _ctx(r"\binhaler\b.{0,25}\b(?:isnt|not|doesnt|didnt|wont|no longer) (?:work\w*|help\w*)"),
+            _ctx(r"\bribs?\b.{0,20}\b(?:suck\w*|pull\w*) in\b|\bsucking in\b|\bcaving in\b"),
+            _ctx(r"\bbreath\w* (?:is |are )?(?:really |very |so |super )?(?:fast|rapid|quick|"
+                 r"hard|shallow|weird|funny|noisy)\b",
+                 r"\b(?:baby|infant|newborn|toddler|child|son|daughter|kid|he|she|hes|shes)\b"),
+            _ctx(r"\b(?:short(?:ness)? of breath|breathless|out of breath)\b",
+                 r"\b(?:sudden|suddenly|at rest|sitting|lying|resting|worse|severe|really bad|"
+                 r"blue|cant talk|cant speak)\b"),
+        ),
+    ),
+    RedFlag(
+        "anaphylaxis",
+        "a severe allergic reaction",
+        rules=(
+            _ctx(r"\bthroat\b.{0,20}\b(?:clos\w*|tight\w*|swell\w*|swollen)"),
+            _ctx(r"\b(?:tongue|lips?|mouth)\b.{0,20}\b(?:swell\w*|swollen|puff\w*)\b|"
+                 r"\bswell\w* (?:of |in |up )?(?:my |his |her |their |the )?(?:tongue|lips?|throat)"),
+            _ctx(r"\b(?:face|eyes?)\b.{0,20}\b(?:swell\w*|swollen|puff\w*)",
+                 r"\b(?:allerg\w*|sting|stung|bee|wasp|hornet|peanuts?|nuts?|shellfish|shrimp|"
+                 r"prawns?|hives|reaction|epi ?pens?|antibiotics?|amoxicillin|penicillin)\b"),
+            _ctx(r"\b(?:used|gave|injected|had to use|needed) (?:\w+ )?epi ?pens?\b"),
+            _ctx(r"\bhives\b", r"\b(?:throat|breath\w*|tongue|lips?|wheez\w*|swell\w*|dizzy|faint\w*)\b"),
+            _ctx(r"\b(?:having|going into|in) (?:an? )?(?:bad |severe |serious )?"
+                 r"(?:allergic reaction|anaphyla\w*)"),
+            _ctx(r"\banaphylactic shock\b"),
+        ),
+    ),
+    RedFlag(
+        "choking",
+        "choking",
+        rules=(
+            _ctx(r"(?<!from )\bchoking\b(?! hazards?| risks?)"),
+            _ctx(r"\bchoked\b",
+                 r"\b(?:cant|no sound|not breathing|blue|wont|silent|gasping|not making|still)\b"),
+            _ctx(r"\b(?:stuck|lodged) in (?:my|his|her|their|the) (?:throat|windpipe|airway)\b",
+                 r"\b(?:cant|unable to|not|no) (?:breath\w*|cough\w*|talk|speak|swallow)|"
+                 r"\bblue\b|\bgasping\b|\bdrool\w*"),
+            _ctx(r"\bgagging\b", r"\b(?:turn\w* blue|blue|cant breath\w*|not breathing)\b"),
+        ),
+    ),
+    RedFlag(
+        "unresponsive",
+        "collapse or unresponsiveness",
+        rules=(
+            _ctx(r"\bcollapsed\b(?! lung)|\bunconscious\b|\bunresponsive\b|\bout cold\b|"
+                 r"\bno pulse\b|\b(?:not|isnt|stopped) breathing\b|"
+                 r"\b(?:is|went|gone|goes|and) limp\b|"
+                 r"\bhasnt (?:come|woken) (?:round|around|to|up)\b"),
+            _ctx(r"\b(?:wont|cant|doesnt|isnt|not|unable to) (?:wake|waking|rouse|respond\w*)\b"
+                 r"(?!(?: up)? (?:for|in time|early|on time|to (?:treatment|medication|meds|chemo|"
+                 r"antibiotics|therapy|texts|calls|messages|emails)))"),
+        ),
+    ),
+    RedFlag(
+        "severe_bleeding",
+        "severe bleeding",
+        rules=(
+            _ctx(r"\b(?:wont|doesnt|cant|not|isnt|never) (?:stop|stopping|stopped) bleeding\b|"
+                 r"\bbleeding (?:wont|doesnt|isnt|hasnt) (?:stop\w*|slow\w*)|"
+                 r"\b(?:cant|couldnt) (?:get|make) (?:the |it )?(?:bleeding )?(?:to )?stop\b",
+                 r"\b(?:bleed\w*|blood)\b"),
+            _ctx(r"\b(?:spurt|gush|pump|pour|squirt|soak)\w*", r"\b(?:blood|bleed\w*)\b"),
+            _ctx(r"\bblood (?:is )?everywhere\b|\b(?:lots|loads|a lot|so much|too much) of blood\b"
+                 + _NOT_A_BLOOD_TEST + r"|\blosing (?:a lot of |lots of |so much )?blood\b"
+                 + _NOT_A_BLOOD_TEST),
+            _ctx(r"^(?!.*\bperiods?\b).*\b(?:heavy|heavily|severe|serious|major|massive|"
+                 r"uncontrol\w*) bleed\w*|"
+                 r"^(?!.*\bperiods?\b).*\bbleed\w* (?:heavily|badly|a lot|profusely|everywhere)"),
+            _ctx(r"\bdeep (?:cut|wound|gash|laceration)\b",
+                 r"\b(?:blood|bleed\w*|bone|fat|gaping|wont close)\b"),
+        ),
+    ),
+    RedFlag(
+        "vomiting_blood",
+        "vomiting or coughing up blood, or black stools",
+        rules=(
+            _ctx(r"\b(?:throw\w*|threw|vomit\w*|puk\w*|cough\w*|bring\w*|brought|being sick|sick)"
+                 r"(?: up)? (?:(?:a lot of|lots of|some|so much|a little|a bit of|bright red|"
+                 r"dark red|dark|fresh|red|clots of|what looks like) )*blood\b" + _NOT_A_BLOOD_TEST),
+            _ctx(r"\bblood in (?:my|his|her|their|the) (?:vomit|sick|puke)\b"),
+            _ctx(r"\bcoffee grounds?\b", r"\b(?:vomit\w*|throw\w*|threw|puk\w*|sick|looks like)\b"),
+            _ctx(r"\b(?:black|tarry|tar like|tar)\b.{0,20}\b(?:poop|poo|stools?|bowel movements?|"
+                 r"diarrh\w*)\b|\b(?:poop|poo|stools?)\b.{0,15}\b(?:black|tarry|like tar)\b",
+                 r"\b(?:tarry|tar|dizzy|faint\w*|weak|lightheaded|light headed|pass out|blood)\b"),
+            _ctx(r"\b(?:lots of|a lot of|so much|loads of|heavy|large amount of) blood\b.{0,30}"
+                 r"\b(?:bottom|bum|butt|rectum|back passage|stool|poop|poo|toilet)\b"),
+        ),
+    ),
+    RedFlag(
+        "pregnancy",
+        "a pregnancy emergency",
+        rules=(
+            _ctx(r"\b(?:pregnant|pregnancy|preggo|preggers)\b",
+                 r"\b(?:bleed\w*|blood|clots?|gush\w*|"
+                 r"(?:hasnt|has not|not|stopped|isnt|no longer|less) (?:\w+ )?(?:mov\w*|kick\w*)|"
+                 r"(?:severe|terrible|bad|worst|really bad|awful|pounding) headache|blurr\w*|"
+                 r"vision|seeing (?:spots|stars|flash\w*)|"
+                 r"(?:face|hands)\b.{0,15}\b(?:swollen|swelling|puffy)|seizure|fit|convuls\w*|"
+                 r"(?:severe|bad|really bad|sharp|stabbing|terrible|constant) (?:\w+ )?"
+                 r"(?:pain|cramp\w*)|pain on one side|faint\w*|passed out|fever)\b"),
+            _ctx(r"\b(?:see|feel|can see|can feel) (?:the )?(?:umbilical )?cord\b|"
+                 r"\bcord (?:is )?(?:coming|hanging|sticking) out\b|\bprolapsed cord\b"),
+            _ctx(r"\b(?:gave birth|had (?:my|the|a|our) baby|delivered|postpartum|post partum|"
+                 r"c section|caesarean|cesarean)\b",
+                 r"\b(?:bleed\w*|soak\w*|clots?|through (?:a|my) pad|pad every|fever|chest pain|"
+                 r"cant breathe|short of breath|severe headache|seizure)\b"),
+        ),
+    ),
+    RedFlag(
+        "infant_fever",
+        "fever in a baby under 3 months",
+        rules=(
+            _ctx(r"\b(?:(?:[0-9]|1[0-2]|one|two|three|four|five|six|seven|eight|nine|ten|eleven|"
+                 r"twelve) ?(?:weeks?|wks?|wk)|(?:[12]|one|two) ?(?:months?|mos?|mths?)|"
+                 r"\d{1,2} ?days?) ?old\b|\bnew ?born\b|\bneonate\b",
+                 r"\b(?:fever|feverish|temp|temperature|burning up|hot to (?:the )?touch|"
+                 r"feels? (?:really |very |so |super )?hot|3[89](?:\.\d)?|100\.[4-9]|"
+                 r"10[1-6](?:\.\d)?)\b"),
+        ),
+    ),
+    RedFlag(
+        "sudden_headache",
+        "a sudden, severe headache",
+        rules=(
+            _ctx(r"\bworst (?:headache|head ache|head pain|pain)\b.{0,15}"
+                 r"\b(?:of (?:my|his|her|their) life|ever|i(?:ve)? ever had)\b"),
+            _ctx(r"\bthunderclap\b"),
+            _ctx(r"\b(?:headache|head ache|head pain|migraine|head (?:hurts|is pounding))\b",
+                 r"\b(?:sudden|suddenly|out of nowhere|out of the blue|all of a sudden|"
+                 r"came on (?:in|within|over) (?:seconds|a second|a minute|an instant|a few seconds)|"
+                 r"in seconds|like (?:being )?(?:hit|struck|kicked)|explod\w*|10/10|"
+                 r"ten out of ten|never had anything like)"),
+        ),
+    ),
+    RedFlag(
+        "sepsis_meningitis",
+        "possible sepsis or meningitis",
+        rules=(
+            _ctx(r"\brash\b.{0,30}\b(?:doesnt|does not|dont|wont|didnt|not|isnt) "
+                 r"(?:fade|blanch|go white)\b|\bnon ?blanch\w*|\bpress\w* (?:a |the )?glass\b|"
+                 r"\bglass test\b|\bpurple (?:rash|spots|blotches|patches)\b|\bpinprick rash\b"),
+            _ctx(r"\b(?:fever|feverish|temp|temperature|burning up|shivering|chills)\b",
+                 r"\bstiff neck\b|\bneck (?:is |feels )?(?:really |very |so )?stiff\b|"
+                 r"\b(?:light|brightness) hurts\b|\bcant (?:stand|look at|bear) (?:the )?(?:light|bright)"),
+            _ctx(r"\b(?:fever|feverish|temp|temperature|burning up|shivering|chills|infection|"
+                 r"infected|uti|surgery|operation|pneumonia|cellulitis)\b",
+                 r"\b(?:confus\w*(?! about| as to| by)|not making sense|delirious|disoriented|"
+                 r"(?:hard|difficult|impossible) to (?:wake|rouse)|wont wake|not waking|drowsy|"
+                 r"unresponsive|(?:racing|pounding) heart|heart (?:is )?(?:racing|pounding)|"
+                 r"breathing (?:really |very |so )?(?:fast|quick|rapid)|blotchy|mottled|"
+                 r"(?:blue|grey|gray) (?:skin|lips)|"
+                 r"feel like (?:im|i am) (?:going to|gonna) die)\b"),
+        ),
+    ),
+    RedFlag(
+        "dvt_pe",
+        "a possible blood clot in the leg or lung",
+        rules=(
+            _ctx(r"\b(?:calf|calves|leg|legs|thigh)\b",
+                 r"\b(?:swollen|swelling|swell\w*|red|hot|warm|painful|tender)\b",
+                 rf"\b{_BREATHLESS}"),
+            _ctx(r"\b(?:sudden|suddenly)\b.{0,30}(?:short(?:ness)? of breath|breathless|"
+                 r"cant (?:catch|get) (?:my|his|her|their|a) breath)",
+                 r"(?:chest|breath\w* in|when (?:i |he |she )?breath\w*|flight|plane|surgery|"
+                 r"\bpill\b|birth control|pregnan\w*|cough\w* (?:up )?blood|\bleg|\bcalf)"),
+            _ctx(r"\b(?:sharp|stabbing)\b.{0,20}\bpain\b.{0,30}\b(?:breath\w*|deep breath)"),
+        ),
+    ),
+    RedFlag(
+        "seizure",
+        "a seizure",
+        rules=(
+            _ctx(rf"\bhaving (?:a |an |another )?(?:\w+ )?{_SEIZ}\b"),
+            _ctx(rf"\bjust (?:had|has) (?:a |another |her first |his first |their first )?{_SEIZ}\b"),
+            _ctx(rf"\b(?:never had (?:a )?|first (?:ever )?){_SEIZ}\b",
+                 r"\b(?:just|now|today|tonight|right now|minutes? ago|an hour ago)\b"),
+            _ctx(rf"\b{_SEIZ}\b.{{0,40}}\b(?:wont stop|not stopping|isnt stopping|still going|"
+                 r"going on for|been going|for (?:over |more than )?(?:\d+|five|ten) min\w*|"
+                 r"\d+ min\w*|isnt waking|not waking|wont wake|hasnt woken|not responding|"
+                 r"isnt responding|wont respond)"),
+            _ctx(rf"\bback to back {_SEIZ}|\b(?:another|second|multiple|several|repeated) {_SEIZ}\b"
+                 r".{0,30}\b(?:without|before|not) (?:waking|wakes?|coming round|regaining)"),
+            _ctx(r"\b(?:shaking|jerking|twitching|convulsing)\b.{0,30}"
+                 r"\b(?:(?:wont|not|isnt|doesnt|cant) (?:respond\w*|wak\w*|answer\w*)|"
+                 r"unresponsive|unconscious|eyes rolled)"),
+        ),
+    ),
+    RedFlag(
+        "head_injury",
+        "a serious head injury",
+        rules=(
+            _ctx(r"\b(?:hit|hits|banged|bumped|knocked|smacked|bashed|cracked|struck|landed on)"
+                 r" (?:his|her|my|their|the|your) head\b|\bhead (?:injury|injuries|trauma|knock|wound)\b|"
+                 r"\bconcuss\w*|\bfell\b.{0,40}\bhead\b",
+                 r"\b(?:vomit\w*|throw\w* up|threw up|puk\w*|being sick|confus\w*|pass\w* out|"
+                 r"blacked out|knocked out|unconscious|out cold|blood thinners?|warfarin|eliquis|"
+                 r"xarelto|anticoagulant\w*|sleepy|drowsy|wont wake|hard to wake|fluid|pupils?|"
+                 r"seizure|fit|slurr\w*|(?:bad|severe|worst|terrible|really bad) headache|"
+                 r"cant remember|memory|numb)\b"),
+            _ctx(r"\bclear fluid\b.{0,30}\b(?:nose|ears?)\b"),
+        ),
+    ),
+    RedFlag(
+        "severe_burn",
+        "a serious burn or electrical injury",
+        rules=(
+            _ctx(r"\b(?:burn|burns|burned|burnt)\b",
+                 r"\b(?:face|eyes?|neck|genitals?|groin|hands|whole|all over|large|big|huge|"
+                 r"bigger than|size of|white|leathery|charred|black|waxy|doesnt hurt|no pain|"
+                 r"cant feel|chemical|acid|bleach|drain|caustic|lye|electric\w*|lightning|"
+                 r"smoke|fire|flames?|baby|infant|toddler)\b"),
+            _ctx(r"\b(?:boiling|scalding|hot) (?:water|oil|tea|coffee|soup|liquid)\b|\bscald\w*",
+                 r"\b(?:blister\w*|skin (?:is )?(?:peel\w*|coming off|white)|baby|infant|"
+                 r"toddler|kid|child|son|daughter)\b"),
+            _ctx(r"\belectr\w* (?:shock|shocked|burn)\b|\belectrocut\w*|\bshocked by\b|"
+                 r"\bstruck by lightning\b"),
+            _ctx(r"\b(?:breathed|breathing|inhaled|inhaling|swallowed) (?:in )?(?:a lot of |lots of |"
+                 r"so much |some )?smoke\b|\bsmoke inhalation\b|\b(?:house|kitchen|car) fire\b|"
+                 r"\bcaught (?:on )?fire\b"),
+        ),
+    ),
+    RedFlag(
+        "diabetic_emergency",
+        "a diabetic emergency (very low or very high blood sugar)",
+        rules=(
+            _ctx(r"\b(?:diabetic|diabetes|type (?:1|one|2|two)|t1d|t2d|insulin|blood sugar|"
+                 r"sugar levels?|bgl|glucose)\b",
+                 r"\b(?:confus\w*(?! about| as to| by)|not making sense|making no sense|"
+                 r"wont wake|hard to wake|cant wake|unconscious|unresponsive|pass\w* out|"
+                 r"passed out|collapsed|fruity|acetone|drows\w*|slurr\w*|seizure|fit|"
+                 r"acting (?:weird|strange|drunk))\b"),
+            # very low reading: 10-49 mg/dL or 1.0-3.4 mmol/L
+            _ctx(r"\b(?:blood sugar|sugar|glucose|bgl|bg|reading)\b.{0,20}"
+                 r"\b(?:[1-4]\d|[12](?:\.\d)?|3(?:\.[0-4])?)\b"
+                 r"(?!\s*(?:years?|yrs?|days?|weeks?|mins?|minutes?|hours?|hrs?|%|times))"),
+            # very high reading with vomiting, fast breathing or confusion (ketoacidosis)
+            _ctx(r"\b(?:blood sugar|sugar|glucose|bgl|bg)\b.{0,20}\b(?:[3-9]\d\d|over \d+|hi|"
+                 r"high|through the roof|off the charts?)\b",
+                 r"\b(?:vomit\w*|throw\w* up|threw up|puk\w*|breath\w* (?:fast|hard|deep|heav\w*)|"
+                 r"fruity|confus\w*|drows\w*|stomach pain|belly pain|ketones?)\b"),
+            _ctx(r"\b(?:too much|twice|double|extra|wrong) (?:dose of |amount of )?"
+                 r"(?:my |his |her |their )?insulin\b|\binsulin (?:twice|two times|double)\b"),
+        ),
+    ),
+    RedFlag(
+        "severe_abdominal_pain",
+        "severe abdominal pain",
+        rules=(
+            _ctx(rf"\b(?:severe|worst|really bad|very bad|so bad|unbearable|excruciating|"
+                 rf"agoni\w*|stabbing|crippling|intense|horrible|terrible|10/10)\b.{{0,25}}"
+                 rf"\b{_BELLY}\b|\b{_BELLY}\b.{{0,10}}\b(?:pain|ache|hurts?)\b.{{0,15}}"
+                 rf"\b(?:so bad|unbearable|severe|excruciating|worst)\b"),
+            _ctx(rf"\b{_BELLY}\b.{{0,30}}\b(?:hard as a (?:board|rock)|rigid|board like)\b"),
+            _ctx(rf"\b(?:lower )?right (?:lower )?side\b.{{0,30}}\b{_BELLY}\b|"
+                 rf"\b{_BELLY}\b.{{0,30}}\bright side\b|\blower right\b",
+                 r"\b(?:fever|temperature|cant (?:stand|walk|move)|vomit\w*|throw\w* up|"
+                 r"getting worse|when i (?:walk|move|cough))\b"),
+        ),
+    ),
+)
+
+# --------------------------------------------------------------------------------------
+# Matching
+# --------------------------------------------------------------------------------------
+
+_CONTEXT_RES = tuple(re.compile(p) for p in CONTEXT_PATTERNS)
+_QUOTES = str.maketrans({"‘": "'", "’": "'", "‚": "'", "‛": "'", "`": "'", "´": "'",
+                         "“": '"', "”": '"', "„": '"', "‟": '"'})
+_CONTRACTIONS = (  # expanded forms -> the apostrophe-less contractions the patterns use
+    (r"\bcan ?not\b", "cant"), (r"\bwill not\b", "wont"), (r"\bdo not\b", "dont"),
+    (r"\bdoes not\b", "doesnt"), (r"\bdid not\b", "didnt"), (r"\bis not\b", "isnt"),
+    (r"\bhas not\b", "hasnt"), (r"\bhave not\b", "havent"), (r"\bcould not\b", "couldnt"),
+    (r"\bi am\b", "im"), (r"\bhe is\b", "hes"), (r"\bshe is\b", "shes"),
+    (r"\bit is\b", "its"), (r"\bwhat is\b", "whats"),
+)
+_CONTRACTION_RES = tuple((re.compile(a), b) for a, b in _CONTRACTIONS)
+
+
+def normalize(message: str) -> str:
+    """Lowercase, straighten quotes, drop apostrophes, contract "can not"/"is not"/...,
+    turn hyphens and dashes into spaces and collapse whitespace."""
+    text = unicodedata.normalize("NFKC", message or "").translate(_QUOTES).lower()
+    text = text.replace("'", "")
+    text = re.sub(r"[-‐‑‒–—_]+", " ", text)
+    text = text.replace("°", " ")
+    text = re.sub(r"\s+", " ", text).strip()
+    for pattern, repl in _CONTRACTION_RES:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def _has_context(text: str) -> bool:
+    return any(p.search(text) for p in _CONTEXT_RES)
+
+
+def _matches(flag: RedFlag, text: str, context: bool) -> bool:
+    for rule in flag.rules:
+        if rule.needs_context and not context:
+            continue
+        if all(p.search(text) for p in rule.all_of):
+            return True
+    return False
+
+
+def detect(message: str) -> list[str]:
+    """Category slugs whose patterns match ``message``, in :data:`RED_FLAGS` order.
+
+    An empty list means no pattern matched, not that the message is safe."""
+    text = normalize(message)
+    if not text:
+        return []
+    context = _has_context(text)
+    return [flag.category for flag in RED_FLAGS if _matches(flag, text, context)]
+
+
+# --------------------------------------------------------------------------------------
+# Notice
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """What :func:`check` found: matched category slugs and the notice (None if none)."""
+
+    categories: list[str]
+    notice: str | None
+
+
+def build_notice(categories: list[str], emergency_number: str | None = None) -> str | None:
+    """The fixed emergency notice for these categories (one block, extra lines once)."""
+    by_slug = {flag.category: flag for flag in RED_FLAGS}
+    flags = [by_slug[c] for c in dict.fromkeys(categories) if c in by_slug]
+    if not flags:
+        return None
+    number = emergency_number.strip() if emergency_number and emergency_number.strip() else None
+    call_number = number or DEFAULT_EMERGENCY_NUMBER
+    short_number = number or "your local emergency number"
+    lines = [
+        NOTICE_HEADER,
+        NOTICE_SIGNS.format(labels="; ".join(f.label for f in flags)),
+        NOTICE_CALL.format(number=call_number),
+    ]
+    for advice in dict.fromkeys(f.advice for f in flags if f.advice):
+        lines.append(advice.format(number=short_number))
+    lines.append(NOTICE_FOOTER)
+    return "\n".join(lines)
+
+
+def check(message: str, emergency_number: str | None = None) -> GuardResult:
+    """Detect red flags in ``message`` and build the notice.
+
+    ``emergency_number`` (for example "000") replaces the default wording that lists
+    911 / 112 / 999."""
+    categories = detect(message)
+    return GuardResult(categories, build_notice(categories, emergency_number))
+
+
+def format_answer(notice: str | None, answer: str) -> str:
+    """Put the notice (if any) above the model's answer, separated by a blank line."""
+    if not notice:
+        return answer
+    return f"{notice}\n\n{answer}"

@@ -1,0 +1,2 @@
+"""Training: the recipe (recipe.py), the Trainer it drives (trainer.py), its loss (losses.py) and its
+callbacks (callbacks.py: progress, checkpoints, Ctrl-C)."""

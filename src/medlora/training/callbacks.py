@@ -1,0 +1,129 @@
+"""Trainer callbacks: a progress bar that counts samples, checkpoint completeness markers, and Ctrl-C as
+"save a checkpoint and stop"."""
+
+from __future__ import annotations
+
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from ..errors import log
+from ..rundir import RunDir, is_complete, mark_complete
+
+
+class Interrupt:
+    """First Ctrl-C: finish the current sample, save a checkpoint, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+        log("Ctrl-C: saving a checkpoint after the current sample (press Ctrl-C again to quit without saving)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def rng_snapshot() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+
+
+def rng_restore(snapshot: dict | None) -> None:
+    if snapshot:
+        random.setstate(snapshot["python"])
+        np.random.set_state(snapshot["numpy"])
+        torch.random.set_rng_state(snapshot["cpu"])
+
+
+class CheckpointGuard(TrainerCallback):
+    """Marks checkpoints complete, saves one at the end, and turns Ctrl-C into save-and-stop."""
+
+    def __init__(self, interrupt: Interrupt):
+        self.interrupt = interrupt
+        self.rng = None  # RNG states at the last optimizer step (what a checkpoint of that step must hold)
+
+    def on_step_end(self, args, state, control, **kw):
+        self.rng = rng_snapshot()
+        if state.global_step >= state.max_steps:
+            control.should_save = True
+        if self.interrupt.requested:
+            control.should_save = control.should_training_stop = True
+
+    def on_substep_end(self, args, state, control, **kw):
+        if self.interrupt.requested:  # mid-accumulation: stop now; the recipe saves the last completed step
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kw):
+        mark_complete(RunDir(args.output_dir).checkpoint(state.global_step))
+
+    def save_interrupted(self, trainer) -> Path:
+        """Checkpoint the last completed optimizer step after a Ctrl-C mid-accumulation. The weights,
+        optimizer and scheduler have not moved since that step; the RNG has, so it is rewound first."""
+        ckpt = RunDir(trainer.args.output_dir).checkpoint(trainer.state.global_step)
+        if not is_complete(ckpt):
+            rng_restore(self.rng)
+            trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's own checkpoint writer
+            mark_complete(ckpt)
+        return ckpt
+
+
+class SampleProgress(TrainerCallback):
+    """Trainer's progress bar counts optimizer steps, which are 16 samples (minutes) apart on a CPU.
+    This one counts samples, with ETA, tokens/s and the latest loss, and shows evaluation progress."""
+
+    def __init__(self):
+        self.bar = self.eval_bar = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.bar = tqdm(total=state.max_steps * args.gradient_accumulation_steps, unit="sample",
+                        desc="training", dynamic_ncols=True, file=sys.stderr)
+        self.start, self.tokens0 = time.time(), state.num_input_tokens_seen
+
+    def _tick(self, state):
+        self.bar.update(1)
+        elapsed = max(time.time() - self.start, 1e-9)
+        tps = (state.num_input_tokens_seen - self.tokens0) / elapsed
+        loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
+        post = {"step": f"{state.global_step}/{state.max_steps}", "tok/s": f"{tps:.1f}"}
+        if loss is not None:
+            post["loss"] = f"{loss:.4f}"
+        self.bar.set_postfix(post, refresh=False)
+
+    def on_substep_end(self, args, state, control, **kw):
+        self._tick(state)
+
+    def on_step_end(self, args, state, control, **kw):
+        self._tick(state)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+
+    # evaluation: one forward pass per eval row, minutes on a CPU, so it gets a bar too
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
+        if self.eval_bar is None:
+            self.eval_bar = tqdm(total=len(eval_dataloader), unit="row", desc="evaluating", leave=False,
+                                 dynamic_ncols=True, file=sys.stderr)
+        self.eval_bar.update(1)
+
+    def on_evaluate(self, args, state, control, **kw):
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+        self.eval_bar = None

@@ -1,0 +1,286 @@
+"""`medlora train`: the specification's CPU LoRA recipe as a sequence of named phases.
+
+    preflight    everything that can fail on user input, before a model is loaded
+    load_data    tokenise the split with the model's chat template, answer-only labels
+    build_model  base model in this CPU's precision, LoRA on the projections, the speed plan
+    open_run     create the run folder, write config.yaml and run_info.json
+    train        base eval loss, then the Trainer (checkpoints, resume, Ctrl-C)
+    finish       final eval, adapter, loss curve, optional merge, metrics.json last
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..config import TrainConfig
+from ..cpu import SpeedPlan, cpu_has_native_bf16, cpu_summary, resolve_checkpointing, resolve_precision
+from ..data import DataReport, EncodedSplit, encode_frame, load_qa_csv, split
+from ..errors import Interrupted, MedloraError, log
+from ..model import find_lora_targets, load_model, load_tokenizer, resolve_model
+from ..rundir import RunDir, check_output_location, file_sha256, unique_output_dir
+from .callbacks import CheckpointGuard, Interrupt
+from .losses import accepts_logits_to_keep
+from .trainer import build_trainer
+
+
+@dataclass
+class Job:
+    """What preflight established: the checked configuration, its data, and where the run goes."""
+
+    cfg: TrainConfig
+    table: tuple  # (DataFrame, DataReport) of cfg.data
+    data_sha256: str
+    run: RunDir
+    resume_from: Path | None  # the newest complete checkpoint, when resuming
+
+
+@dataclass
+class PreparedData:
+    report: DataReport
+    train: EncodedSplit
+    evals: EncodedSplit
+
+
+@dataclass
+class Outcome:
+    """What training produced, for the finishing phase."""
+
+    train_loss: float
+    seconds: float
+    tokens_before: int  # tokens seen before this process started (a resumed run's earlier work)
+
+
+# ---------------------------------------------------------------- phases
+
+def preflight(cfg: TrainConfig, resume: str | Path | None) -> Job:
+    """Validate the data, the run folder and (when resuming) its checkpoints, before any model loads."""
+    if not cfg.data:
+        raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
+    table = load_qa_csv(cfg.data)  # fast fail on a bad CSV before even resolving the model
+    sha = file_sha256(cfg.data)
+    run = RunDir(resume) if resume else RunDir(unique_output_dir(cfg.output_dir))
+    check_output_location(run.path)
+    resume_from = None
+    if resume:
+        saved = run.read_info().get("data_sha256")
+        if saved and saved != sha:
+            raise MedloraError(f"{cfg.data} changed since this run started; resuming would train on different rows")
+        resume_from = run.latest_complete_checkpoint()
+        if resume_from is None:
+            raise MedloraError(f"{run}: no complete checkpoint to resume from; start a new run instead")
+    return Job(cfg, table, sha, run, resume_from)
+
+
+def prepare_data(cfg: TrainConfig, tokenizer, table: tuple) -> PreparedData:
+    """Split, cap and tokenise ``table`` (load_qa_csv's result for cfg.data)."""
+    df, report = table
+    train_df, eval_df = split(df, cfg.test_size, cfg.seed)
+    if cfg.max_train_samples:
+        train_df = train_df.iloc[: cfg.max_train_samples]
+    if cfg.max_eval_samples:
+        eval_df = eval_df.iloc[: cfg.max_eval_samples]
+    train = encode_frame(tokenizer, train_df, cfg.system_prompt, cfg.max_seq_len, progress=len(train_df) > 2000)
+    evals = encode_frame(tokenizer, eval_df, cfg.system_prompt, cfg.max_seq_len)
+    if not train.examples:
+        raise MedloraError(f"{cfg.data}: no training row fits max_seq_len={cfg.max_seq_len} (every prompt is longer)")
+    if not evals.examples:
+        raise MedloraError(f"{cfg.data}: no eval row fits max_seq_len={cfg.max_seq_len}")
+    log(f"data: {report.rows_kept} usable rows ({report.dropped_empty} dropped: empty question/answer); "
+        f"train {len(train.examples)}, eval {len(evals.examples)}; "
+        f"{train.truncated + evals.truncated} answers truncated at {cfg.max_seq_len} tokens; "
+        f"{train.skipped_long_prompt + evals.skipped_long_prompt} rows skipped (prompt too long)")
+    return PreparedData(report, train, evals)
+
+
+def apply_lora(cfg: TrainConfig, model):
+    """Wrap a base model with the run's LoRA config; returns (peft_model, target names).
+    The adapter weights stay fp32 whatever the base model's dtype (peft's autocast_adapter_dtype)."""
+    from peft import LoraConfig, get_peft_model
+
+    model.config.use_cache = False
+    targets = cfg.target_modules or find_lora_targets(model)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      bias="none", task_type="CAUSAL_LM", target_modules=targets)
+    try:
+        return get_peft_model(model, lora), list(targets)
+    except ValueError as e:
+        raise MedloraError(f"LoRA setup failed for target_modules={targets}: {str(e).splitlines()[0]}") from None
+
+
+def prepare_model(cfg: TrainConfig, model, precision: str) -> tuple:
+    """Base model -> (peft_model, targets, SpeedPlan) for a resolved ``precision`` ('fp32' or 'bf16')."""
+    if precision == "bf16" and model.dtype != torch.bfloat16:
+        model = model.to(torch.bfloat16)  # frozen base weights in bf16: half the memory traffic and RAM
+    model, targets = apply_lora(cfg, model)
+    checkpointing, why = resolve_checkpointing(cfg.gradient_checkpointing, model.config, cfg.max_seq_len,
+                                               cfg.per_device_train_batch_size, precision)
+    return model, targets, SpeedPlan(precision, checkpointing, why, accepts_logits_to_keep(model))
+
+
+def build_model(cfg: TrainConfig, source: str) -> tuple:
+    """Load the base model in this run's precision and put LoRA on it: (peft_model, targets, plan)."""
+    precision = resolve_precision(cfg.precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    base = load_model(source, cfg.trust_remote_code, dtype=dtype, allow_pickle_weights=cfg.allow_pickle_weights)
+    model, targets, plan = prepare_model(cfg, base, precision)
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"LoRA on {', '.join(targets)}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.3f}%)")
+    log(f"precision {precision} ({'native bf16 on this CPU' if cpu_has_native_bf16() else 'no native bf16'}"
+        f"{'' if cfg.precision == 'auto' else ', set by --precision'}); gradient checkpointing "
+        f"{'on' if plan.gradient_checkpointing else 'off'} ({plan.gradient_checkpointing_why})")
+    return model, targets, plan
+
+
+def run_info(job: Job, source: str, data: PreparedData, targets: list[str], model, plan: SpeedPlan) -> dict:
+    import peft
+    import transformers
+
+    trainable, total = model.get_nb_trainable_parameters()
+    info = {
+        "medlora_version": __version__,
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "model": job.cfg.model,
+        "model_source": source,
+        "data": str(Path(job.cfg.data).resolve()),
+        "data_sha256": job.data_sha256,
+        "data_rows_read": data.report.rows_read,
+        "data_rows_dropped_empty": data.report.dropped_empty,
+        "train_rows": len(data.train.examples),
+        "eval_rows": len(data.evals.examples),
+        "truncated_answers": data.train.truncated + data.evals.truncated,
+        "skipped_long_prompt": data.train.skipped_long_prompt + data.evals.skipped_long_prompt,
+        "target_modules": list(targets),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_summary(),
+        **plan.to_dict(),
+    }
+    if job.resume_from is not None:
+        previous = job.run.read_info()
+        info["created"] = previous.get("created", info["created"])
+        info["resumed"] = datetime.now().isoformat(timespec="seconds")
+    return info
+
+
+def open_run(job: Job, info: dict, trainable: int, total: int) -> None:
+    """Check the disk has room, then create the run folder (only now: bad input never leaves one behind)."""
+    cfg, run = job.cfg, job.run
+    # a checkpoint holds the adapter and two Adam moments (fp32); keep save_total_limit + 1 while rotating
+    need = trainable * 4 * 3 * (cfg.save_total_limit + 2) + (total * 4 if cfg.merge_model else 0)
+    check_output_location(run.path, need)
+    if job.resume_from is None and run.path != Path(cfg.output_dir):
+        log(f"{cfg.output_dir} exists and is not empty; writing to {run} instead")
+    run.path.mkdir(parents=True, exist_ok=True)
+    if job.resume_from is None:
+        run.write_config(cfg)
+    run.write_info(info)
+
+
+def train(job: Job, trainer, n_eval: int) -> tuple[dict, Outcome]:
+    """Base eval loss (LoRA B starts at zero, so this is exactly the base model), then train.
+    Returns (base eval metrics, outcome); raises Interrupted after a Ctrl-C checkpoint."""
+    run = job.run
+    base = run.read_base_eval()
+    if base is None:
+        log(f"evaluating the base model on {n_eval} eval rows")
+        base = trainer.evaluate(metric_key_prefix="base_eval")
+        run.write_base_eval(base)
+    if job.resume_from is not None:
+        run.remove_checkpoints_after(job.resume_from)
+        log(f"resuming from {job.resume_from.name}")
+    interrupt = Interrupt()
+    guard = CheckpointGuard(interrupt)
+    trainer.add_callback(guard)
+    tokens_before = run.trainer_state(job.resume_from).get("num_input_tokens_seen", 0) if job.resume_from else 0
+    started = time.time()
+    with interrupt:
+        result = trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
+    seconds = time.time() - started
+    if interrupt.requested:
+        if trainer.state.global_step == 0:
+            raise Interrupted("stopped before the first optimizer step; nothing to resume (start the run again)")
+        ckpt = guard.save_interrupted(trainer)
+        raise Interrupted(f"stopped at step {trainer.state.global_step}/{trainer.state.max_steps}; checkpoint saved "
+                          f"in {ckpt}. Resume with: medlora train --resume {run}")
+    return base, Outcome(result.training_loss, seconds, tokens_before)
+
+
+def finish(job: Job, trainer, model, tokenizer, base: dict, outcome: Outcome, plan: SpeedPlan, n_eval: int) -> dict:
+    """Final eval, then the artifacts, each written atomically; metrics.json last."""
+    from .plots import plot_loss_curve
+
+    cfg, run = job.cfg, job.run
+    log(f"evaluating the fine-tuned model on {n_eval} eval rows")
+    final = trainer.evaluate()
+    run.write_adapter(model, tokenizer)
+    trainer.save_state()
+    tokens = trainer.state.num_input_tokens_seen
+    metrics = {
+        "train_loss": outcome.train_loss,
+        "train_steps": trainer.state.global_step,
+        "train_samples": trainer.state.global_step * cfg.gradient_accumulation_steps * cfg.per_device_train_batch_size,
+        "train_seconds": round(outcome.seconds, 2),
+        "train_tokens": tokens,
+        "train_tokens_per_second": (round((tokens - outcome.tokens_before) / outcome.seconds, 2)
+                                    if outcome.seconds else None),
+        "eval_loss": final["eval_loss"],
+        "eval_perplexity": math.exp(min(final["eval_loss"], 50)),
+        "base_eval_loss": base["base_eval_loss"],
+        "base_eval_perplexity": math.exp(min(base["base_eval_loss"], 50)),
+        "eval_rows": n_eval,
+        "eval_precision": plan.precision,  # `medlora eval` recomputes these in fp32
+        "resumed_from": job.resume_from.name if job.resume_from else None,
+    }
+    plot_loss_curve(trainer.state.log_history, run.loss_curve)
+    if cfg.merge_model:
+        from ..export.merge import merge_run
+
+        log("merging the adapter into the base weights")
+        # a bf16 run merges into a freshly loaded fp32 base, as `medlora merge` does: bf16 would round the
+        # update away; an fp32 run merges the model it has in memory
+        merge_run(run, model if plan.precision == "fp32" else None, trust_remote_code=cfg.trust_remote_code)
+    run.write_metrics(metrics)  # last: its presence means the run finished
+    return metrics
+
+
+# ---------------------------------------------------------------- the recipe
+
+def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
+    """Train (or, with ``resume``, continue the run in that folder); returns the run folder."""
+    from transformers import set_seed
+
+    job = preflight(cfg, resume)
+    source = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    data = prepare_data(cfg, tokenizer, job.table)
+
+    torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+    set_seed(cfg.seed)  # python, numpy, torch
+    model, targets, plan = build_model(cfg, source)
+    trainable, total = model.get_nb_trainable_parameters()
+    info = run_info(job, source, data, targets, model, plan)
+
+    trainer, dropped = build_trainer(cfg, model, tokenizer, data.train.features(), data.evals.features(),
+                                     job.run.path, plan)
+    info["training_arguments_dropped"] = dropped
+    open_run(job, info, trainable, total)
+
+    n_eval = len(data.evals.examples)
+    base, outcome = train(job, trainer, n_eval)
+    metrics = finish(job, trainer, model, tokenizer, base, outcome, plan, n_eval)
+    log(f"eval loss {base['base_eval_loss']:.4f} (base) -> {metrics['eval_loss']:.4f} (fine-tuned); "
+        f"{metrics['train_tokens_per_second']} tokens/s")
+    log(f"done: {job.run}")
+    print(job.run)
+    return job.run.path
