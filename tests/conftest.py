@@ -31,6 +31,25 @@ def tokenizer(smol_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_dir) -> Path:
+    """A tiny random-weight Llama (2 layers, hidden 64) with SmolLM2's real tokenizer and chat template, for
+    tests of plumbing (run folders, resume, CLI) where what a pretrained model knows is not being tested."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def sample_csv() -> Path:
     assert SAMPLE_CSV.is_file(), "the bundled sample CSV is part of the repository"
     return SAMPLE_CSV

@@ -176,7 +176,7 @@ def evaluated(trained_run, tmp_path_factory):
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("merged_model"))
     err = io.StringIO()
     with redirect_stderr(err):
-        code = main(["eval", str(run), "--samples", "2", "--max_new_tokens", "24"])
+        code = main(["eval", str(run), "--samples", "2", "--max_new_tokens", "24", "--safety", "--safety_samples", "4"])
     assert code == 0, err.getvalue()[-2000:]
     return run, err.getvalue()
 
@@ -232,6 +232,35 @@ def test_rouge_scores_are_those_of_the_generated_answers(evaluated):
         assert metrics["rouge_l_f1"][split_name]["fine_tuned"] == pytest.approx(
             sum(a["rouge_l_fine_tuned"] for a in rows) / 2, abs=1e-4)
     assert re.search(r"generating: 100%.*8/8", err)  # the progress bar counted every answer
+
+
+@pytest.mark.slow
+def test_safety_and_forgetting_sections_are_computed_from_the_answers(evaluated):
+    from medlora.safety import advises_emergency_help, detect
+
+    run, _ = evaluated
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    md, page = (run / "eval" / "report.md").read_text(), (run / "eval" / "report.html").read_text()
+    safety = metrics["safety"]
+    answers = safety["answers"]
+    assert safety["answered"] == len(answers) == 4 and len({a["category"] for a in answers}) == 4  # spread out
+    for model in ("base", "fine_tuned"):
+        judged = [advises_emergency_help(a[model]) for a in answers]
+        assert [a[f"advises_help_{model}"] for a in answers] == judged
+        assert safety["model_alone"][model] == pytest.approx(sum(judged) / 4)
+        with_guard = [j or bool(detect(a["question"])) for j, a in zip(judged, answers)]
+        assert safety["end_to_end"][model] == pytest.approx(sum(with_guard) / 4)
+        assert all("EMERGENCY NOTICE" not in a[model] for a in answers)  # model alone: the guard stays out
+    guard = safety["guard"]
+    assert guard["red_flag_questions"] >= 80 and guard["recall"] >= 0.95
+    assert guard["eval_split_questions"] == 15 and 0 <= guard["false_alarm_rate_eval_split"] <= 1
+    forgetting = metrics["forgetting"]
+    assert forgetting["rows"] >= 40 and forgetting["loss"]["base"] > 0
+    assert forgetting["relative_change"] == pytest.approx(
+        forgetting["loss"]["fine_tuned"] / forgetting["loss"]["base"] - 1, abs=1e-3)
+    for text in (md, page):
+        assert "Safety: red-flag questions" in text and "Forgetting: general (non-medical) instructions" in text
+        assert f"{forgetting['loss']['base']:.4f}" in text and f"{safety['model_alone']['fine_tuned']:.0%}" in text
 
 
 @pytest.mark.slow

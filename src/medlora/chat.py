@@ -30,9 +30,10 @@ def answer(backend: Backend, question: str, params: GenerationParams, system_pro
 
 
 def ask(backend: Backend, question: str, params: GenerationParams, system_prompt: str | None = None,
-        out: TextIO = sys.stdout) -> str:
-    """``chat -q``: print one streamed answer."""
-    return print_stream(backend, chat_messages(system_prompt or backend.system_prompt, question), params, out)
+        out: TextIO | None = None) -> str:
+    """``chat -q``: print one streamed answer (to stdout by default)."""
+    return print_stream(backend, chat_messages(system_prompt or backend.system_prompt, question), params,
+                        out or sys.stdout)
 
 
 def repl(backend: Backend, params: GenerationParams, system_prompt: str | None = None) -> None:

@@ -18,6 +18,7 @@ from typing import Callable
 
 from .config import DEFAULT_MODEL, add_config_arguments, build_config
 from .errors import Interrupted, MedloraError
+from .rundir import MERGED
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Deprecation chatter from transformers/peft internals is noise to our users, not something they can act on.
@@ -141,7 +142,7 @@ def cmd_data_check(args) -> int:
 # ---------------------------------------------------------------- chat
 
 def chat_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", nargs="?", help="run folder (or merged_model/ or any HF model folder)")
+    p.add_argument("run_dir", nargs="?", help=f"run folder (or {MERGED}/ or any HF model folder)")
     p.add_argument("--model", help="base model (alone: chat with the base model; with RUN_DIR: override its base)")
     p.add_argument("--question", "-q", help="ask one question, print the answer and exit")
     p.add_argument("--mode", choices=("greedy", "sample"), default="greedy")
@@ -152,6 +153,22 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling mode (reproducible answers)")
     p.add_argument("--system_prompt", "--system-prompt", default=None)
     p.add_argument("--trust_remote_code", action="store_true")
+    safety_arguments(p)
+
+
+def safety_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no_safety_guard", "--no-safety-guard", action="store_true",
+                   help="do not put the emergency notice above answers to red-flag questions (on by default)")
+    p.add_argument("--emergency_number", "--emergency-number", metavar="NUMBER",
+                   help="the emergency number the notice names (default: examples 911 / 112 / 999)")
+
+
+def guarded(backend, args):
+    from .inference.guard import GuardedBackend
+
+    if args.emergency_number is not None and not args.emergency_number.strip():
+        raise MedloraError("--emergency_number is empty")
+    return GuardedBackend(backend, enabled=not args.no_safety_guard, emergency_number=args.emergency_number)
 
 
 def cmd_chat(args) -> int:
@@ -168,8 +185,9 @@ def cmd_chat(args) -> int:
         seed = random.SystemRandom().randrange(2**31)
     params = preset(args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty, seed=seed)
-    backend = load_backend(args.run_dir, args.model, args.trust_remote_code)
+    backend = guarded(load_backend(args.run_dir, args.model, args.trust_remote_code), args)
     mode = f"{args.mode}, seed {seed}" if args.mode == "sample" else args.mode
+    mode += ", safety guard off" if args.no_safety_guard else ""
     if args.question is not None:
         print(f"[{backend.description}, {mode}]", file=sys.stderr)
         ask(backend, args.question, params, args.system_prompt)
@@ -191,14 +209,24 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="eval rows for loss/perplexity (default: the run's setting; 0: all)")
     p.add_argument("--show", type=int, default=5, help="side-by-side answers in the report (default: %(default)s)")
     p.add_argument("--model", help="base model to put the adapter on (default: the run's)")
+    p.add_argument("--safety", action="store_true",
+                   help="also answer bundled red-flag questions and report how often each model tells the person to "
+                        "get emergency help, and how the emergency guard does")
+    p.add_argument("--safety_samples", "--safety-samples", type=int, default=40,
+                   help="red-flag questions to answer with --safety (default: %(default)s, spread over categories)")
+    safety_arguments(p)
 
 
 def cmd_eval(args) -> int:
     from .evals.compare import evaluate_run
     from .evals.report import REPORT_HTML
 
+    if args.emergency_number is not None and not args.emergency_number.strip():
+        raise MedloraError("--emergency_number is empty")
     out = evaluate_run(args.run_dir, data=args.data, samples=args.samples, max_new_tokens=args.max_new_tokens,
-                       max_eval_samples=args.max_eval_samples, show=args.show, model=args.model)
+                       max_eval_samples=args.max_eval_samples, show=args.show, model=args.model,
+                       safety_guard=not args.no_safety_guard, emergency_number=args.emergency_number,
+                       safety=args.safety, safety_samples=args.safety_samples)
     print(out / REPORT_HTML)
     return 0
 
@@ -234,7 +262,7 @@ COMMANDS = (
     Command("chat", "talk to a fine-tuned run, a merged model, or a base model", chat_arguments, cmd_chat),
     Command("eval", "compare a run with its base model: eval loss, ROUGE-L, answers side by side", eval_arguments,
             cmd_eval),
-    Command("merge", "write RUN_DIR/merged_model/ (base weights with the LoRA folded in)", merge_arguments, cmd_merge),
+    Command("merge", f"write RUN_DIR/{MERGED}/ (base weights with the LoRA folded in)", merge_arguments, cmd_merge),
 )
 GROUPS = {"data": "inspect a dataset"}
 

@@ -85,7 +85,7 @@ HELP = {
     "target_modules": "LoRA target module names (space or comma separated); default: auto-detect",
     "max_eval_samples": "evaluate on at most this many eval rows (0 or less: all)",
     "num_threads": "torch CPU threads (default: all cores)",
-    "merge_model": "also write <output_dir>/merged_model/ with the LoRA weights merged in",
+    "merge_model": "also write the merged model (base weights with the LoRA folded in) into the run folder",
     "save_steps": "save a resumable checkpoint every N optimizer steps",
     "save_total_limit": "keep only the newest N checkpoints",
     "allow_pickle_weights": "allow loading .bin (pickle) model weights; only for sources you trust",

@@ -9,24 +9,29 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..chat import answer
+from ..data import chat_messages
 from ..config import TrainConfig
 from ..data import encode_frame, load_qa_csv, split
 from ..errors import MedloraError, log
 from ..inference.backend import preset
-from ..inference.hf import HFBackend, load_backend
-from ..rundir import RunDir, file_sha256
+from ..inference.guard import GuardedBackend, without_notice
+from ..inference.hf import load_backend
+from ..rundir import CONFIG, RUN_INFO, RunDir, file_sha256
 from .report import LABELS, MODELS, ROUGE_CAVEAT, write_report
+from .safety_check import DATA_DIR, safety_check
 # Heuristic thresholds for the specification's "train >> eval" and "both low" readings of ROUGE-L F1.
 OVERFIT_GAP = 0.10
 LOW_ROUGE = 0.20
+GENERAL_INSTRUCTIONS = DATA_DIR / "general" / "instructions.csv"
+SAFETY_MAX_NEW_TOKENS = 128  # red-flag answers: emergency advice, when a model gives it, comes early
+FORGETTING_LIMIT = 0.10  # warn when the general-instruction loss got this much worse (relative)
 
 
 def _bar(**kw):
@@ -54,6 +59,7 @@ class Rows:
     source: str                      # where the rows come from, for the report
     loss: pd.DataFrame               # rows for eval loss and perplexity
     rouge: dict[str, pd.DataFrame]   # split name -> rows to generate answers for
+    questions: list[str]             # every eval question (the whole eval split, or the other CSV)
 
 
 def run_data_path(cfg: TrainConfig, info: dict) -> Path:
@@ -61,7 +67,7 @@ def run_data_path(cfg: TrainConfig, info: dict) -> Path:
     for candidate in (cfg.data, info.get("data")):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
-    what = f"the run's data file {cfg.data} is not found" if cfg.data else "config.yaml names no data file"
+    what = f"the run's data file {cfg.data} is not found" if cfg.data else f"{CONFIG} names no data file"
     raise MedloraError(f"{what}; pass --data FILE.csv (the same file reproduces the run's split, "
                        "any other is evaluated whole)")
 
@@ -76,16 +82,16 @@ def select_rows(cfg: TrainConfig, run: RunDir, data: str | None, samples: int,
     digest = file_sha256(path) if expected else None
     if data is None or (expected and digest == expected):  # the run's own file, possibly moved: its split
         if digest != expected:
-            log(f"warning: {path} has changed since training (sha256 differs from run_info.json); "
+            log(f"warning: {path} has changed since training (sha256 differs from {RUN_INFO}); "
                 "the reproduced split may not be the run's")
         train_df, eval_df = split(df, cfg.test_size, cfg.seed)
         train_df = train_df.head(cfg.max_train_samples or len(train_df))  # only rows training could have seen
         return Rows(f"{path} (the run's split: test_size {cfg.test_size}, seed {cfg.seed})",
                     eval_df.head(max_eval_samples or len(eval_df)),
-                    {"train": train_df.head(samples), "eval": eval_df.head(samples)})
+                    {"train": train_df.head(samples), "eval": eval_df.head(samples)}, list(eval_df["Question"]))
     # Shuffled with the run's seed so N rows are a mix of question types, not the file's first block.
     df = df.iloc[np.random.default_rng(cfg.seed).permutation(len(df))].reset_index(drop=True)
-    return Rows(str(path), df.head(max_eval_samples or len(df)), {"data": df.head(samples)})
+    return Rows(str(path), df.head(max_eval_samples or len(df)), {"data": df.head(samples)}, list(df["Question"]))
 
 
 # ---------------------------------------------------------------- measurements
@@ -103,7 +109,7 @@ def answer_losses(model, tokenizer, df: pd.DataFrame, cfg: TrainConfig, desc: st
     return losses
 
 
-def generate_answers(backend: HFBackend, rouge_rows: dict[str, pd.DataFrame], params) -> list[dict]:
+def generate_answers(backend: GuardedBackend, rouge_rows: dict[str, pd.DataFrame], params) -> list[dict]:
     """Greedy answers of both models for every row, with ROUGE-L F1 against the reference."""
     jobs = [(name, q, ref) for name, df in rouge_rows.items() for q, ref in zip(df["Question"], df["Answer"])]
     bar = _bar(total=len(jobs) * len(MODELS), desc="generating", unit="answer")
@@ -113,8 +119,11 @@ def generate_answers(backend: HFBackend, rouge_rows: dict[str, pd.DataFrame], pa
         for name in MODELS:
             bar.set_postfix_str(f"{split_name} row, {LABELS[name]}")
             with backend.adapter(name == "fine_tuned"):
-                item[name] = answer(backend, question, params)
-            item[f"rouge_l_{name}"] = round(rouge_l_f1(item[name], reference), 4)
+                stream = backend.stream(chat_messages(backend.system_prompt, question), params)
+                item[name] = stream.text()
+            if stream.guard.categories:  # the emergency notice stands above the answer; ROUGE scores the model
+                item["guard"] = stream.guard.categories
+            item[f"rouge_l_{name}"] = round(rouge_l_f1(without_notice(item[name], stream.guard), reference), 4)
             bar.update()
         items.append(item)
     bar.close()
@@ -158,19 +167,45 @@ def interpret(loss: dict, rouge: dict) -> list[str]:
     return notes
 
 
+def forgetting_check(backend, cfg: TrainConfig) -> dict:
+    """Answer-token loss of base and fine-tuned on the team-written general (non-medical) instructions: did
+    the medical fine-tune make the model worse at everything else?"""
+    if not GENERAL_INSTRUCTIONS.is_file():
+        raise MedloraError(f"{GENERAL_INSTRUCTIONS}: the bundled general-instruction set is missing")
+    df = pd.read_csv(GENERAL_INSTRUCTIONS, dtype=str, keep_default_na=False)
+    df = df.rename(columns={"instruction": "Question", "answer": "Answer"})
+    loss = {}
+    for name in MODELS:
+        with backend.adapter(name == "fine_tuned"):
+            loss[name] = round(float(np.mean(answer_losses(backend.model, backend.tokenizer, df, cfg,
+                                                           f"general loss ({LABELS[name]})"))), 4)
+    change = loss["fine_tuned"] / loss["base"] - 1 if loss["base"] else 0.0
+    if change > FORGETTING_LIMIT:
+        note = (f"Forgetting: the fine-tune made the loss on general (non-medical) instructions {change:.0%} worse "
+                f"({loss['base']:.4f} base -> {loss['fine_tuned']:.4f}). Remedies from the specification: fewer "
+                "epochs (--num_train_epochs), a lower --learning_rate, more --lora_dropout.")
+    else:
+        note = (f"No sign of forgetting: the loss on general (non-medical) instructions changed by {change:+.1%} "
+                f"({loss['base']:.4f} base -> {loss['fine_tuned']:.4f}; the warning is at +{FORGETTING_LIMIT:.0%}).")
+    return {"rows": len(df), "loss": loss, "relative_change": round(change, 4),
+            "warning": change > FORGETTING_LIMIT, "note": note}
+
+
 # ---------------------------------------------------------------- the command
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20, max_new_tokens: int | None = None,
-                 max_eval_samples: int | None = None, show: int = 5, model: str | None = None) -> Path:
+                 max_eval_samples: int | None = None, show: int = 5, model: str | None = None,
+                 safety_guard: bool = True, emergency_number: str | None = None, safety: bool = False,
+                 safety_samples: int = 40) -> Path:
     """Evaluate RUN_DIR's adapter and its base model; write the report; return the report folder."""
-    if samples < 0 or show < 0:
-        raise MedloraError("--samples and --show must be >= 0")
+    if samples < 0 or show < 0 or safety_samples < 1:
+        raise MedloraError("--samples and --show must be >= 0, --safety_samples >= 1")
     params = preset("greedy", max_new_tokens=max_new_tokens)
     run = RunDir.open(run_dir)
     cfg = run.read_config()
     limit = cfg.max_eval_samples if max_eval_samples is None else max_eval_samples
     rows = select_rows(cfg, run, data, samples, limit if limit and limit > 0 else None)
-    backend = load_backend(str(run.path), model, cfg.trust_remote_code)
+    backend = GuardedBackend(load_backend(str(run.path), model, cfg.trust_remote_code), safety_guard, emergency_number)
     log(f"evaluating {backend.description} and its base model on {rows.source}")
 
     losses = {}
@@ -181,6 +216,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20
     loss = {m: float(np.mean(v)) for m, v in losses.items()}
     items = generate_answers(backend, rows.rouge, params) if samples else []
     rouge = rouge_summary(items)
+    forgetting = forgetting_check(backend, cfg)
+    safety_report = None
+    if safety:
+        safety_report = safety_check(backend, rows.questions, safety_samples,
+                                     replace(params, max_new_tokens=max_new_tokens or SAFETY_MAX_NEW_TOKENS),
+                                     safety_guard, _bar)
 
     metrics = {
         "run_dir": str(run_dir),
@@ -194,6 +235,9 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20
         "rouge_caveat": ROUGE_CAVEAT,
         "generation": params.settings(),
         "backend": backend.name,
+        "safety_guard": {"enabled": safety_guard, "emergency_number": emergency_number},
+        "forgetting": forgetting,
+        "safety": safety_report,
         "training": _training_summary(run),
         "answers": items,
     }

@@ -27,12 +27,42 @@ def metric_rows(metrics: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def sections(metrics: dict) -> list[tuple[str, list[tuple[str, str, str]], list[str]]]:
+    """The forgetting and safety sections: (title, (label, base, fine-tuned) rows, notes), for both reports."""
+    out = []
+    forgetting = metrics.get("forgetting")
+    if forgetting:
+        loss = forgetting["loss"]
+        out.append(("Forgetting: general (non-medical) instructions",
+                    [(f"answer-token loss ({forgetting['rows']} team-written instructions; lower is better)",
+                      f"{loss['base']:.4f}", f"{loss['fine_tuned']:.4f}")], [forgetting["note"]]))
+    safety = metrics.get("safety")
+    if safety:
+        g, n = safety["guard"], safety["answered"]
+        pct = "{:.0%}".format
+        rows = [(f"red-flag answers that tell the person to get emergency help, model alone ({n} questions)",
+                 pct(safety["model_alone"]["base"]), pct(safety["model_alone"]["fine_tuned"])),
+                (f"the same with the emergency guard {'on' if safety['guard_enabled'] else 'off'}",
+                 pct(safety["end_to_end"]["base"]), pct(safety["end_to_end"]["fine_tuned"]))]
+        guard = [f"Guard recall on the {g['red_flag_questions']} bundled red-flag questions ({g['red_flag_categories']} "
+                 f"categories): {g['recall']:.1%}; false alarms on {g['control_questions']} non-urgent controls: "
+                 f"{g['false_alarm_rate_controls']:.1%}; on the {g['eval_split_questions']} eval questions: "
+                 f"{g['false_alarm_rate_eval_split']:.1%}."]
+        out.append(("Safety: red-flag questions", rows, safety["notes"] + guard + [SAFETY_CAVEAT]))
+    return out
+
+
+SAFETY_CAVEAT = ("Both the guard and the answer check are keyword rules, not a triage system: read the red-flag "
+                 f"answers in {METRICS} before putting a model in front of people.")
+
+
 def _subtitle(metrics: dict) -> str:
     gen = metrics["generation"]
     t = metrics["training"]
     trained = f"{t['train_steps']} training steps, " if "train_steps" in t else ""
     return (f"Run {metrics['run_dir']} ({trained}base model {metrics['base_model']}). Data: {metrics['data']}. "
-            f"Answers: greedy, max_new_tokens {gen['max_new_tokens']}.")
+            f"Answers: greedy, max_new_tokens {gen['max_new_tokens']}, {metrics.get('backend', 'hf')} backend, "
+            f"emergency guard {'on' if metrics.get('safety_guard', {}).get('enabled', True) else 'off'}.")
 
 
 def render_markdown(metrics: dict, shown: list[dict], has_curve: bool = True) -> str:
@@ -40,6 +70,9 @@ def render_markdown(metrics: dict, shown: list[dict], has_curve: bool = True) ->
              "| | base | fine-tuned |", "|---|---:|---:|"]
     lines += [f"| {label} | {b} | {f} |" for label, b, f in metric_rows(metrics)]
     lines += ["", *(f"- {note}" for note in metrics["interpretation"]), "", f"> {metrics['rouge_caveat']}", ""]
+    for title, rows, notes in sections(metrics):
+        lines += [f"## {title}", "", "| | base | fine-tuned |", "|---|---:|---:|",
+                  *(f"| {label} | {b} | {f} |" for label, b, f in rows), "", *(f"- {n}" for n in notes), ""]
     if has_curve:
         lines += ["## Training loss", "", f"![training loss curve](../{LOSS_CURVE})", ""]
     if shown:
@@ -80,11 +113,17 @@ def render_html(metrics: dict, shown: list[dict], loss_curve: Path) -> str:
         scores = "".join(f"<th>{e(LABELS[m])} (ROUGE-L {item[f'rouge_l_{m}']:.3f})</th>" for m in MODELS)
         answers += (f"<h3>{i}. {e(item['question'])}</h3><table class=qa><tr><th>reference</th>{scores}</tr>"
                     f"<tr>{cells}</tr></table>")
+    extra = ""
+    for head, rows, items in sections(metrics):
+        body = "".join(f"<tr><td>{e(label)}</td><td class=n>{e(b)}</td><td class=n>{e(f)}</td></tr>"
+                       for label, b, f in rows)
+        extra += (f"<h2>{e(head)}</h2><table><tr><th></th><th>base</th><th>fine-tuned</th></tr>{body}</table>"
+                  f"<ul>{''.join(f'<li>{e(n)}</li>' for n in items)}</ul>")
     title = e(f"medlora eval: {Path(metrics['run_dir']).name}")
     return (f"<!DOCTYPE html><html><head><meta charset=utf-8><title>{title}</title><style>{CSS}</style></head><body>"
             f"<h1>{title}</h1><p class=muted>{e(_subtitle(metrics))}</p>"
             f"<h2>Metrics</h2><table><tr><th></th><th>base</th><th>fine-tuned</th></tr>{table}</table>"
-            f"<ul>{notes}</ul><p class=caveat>{e(metrics['rouge_caveat'])}</p>"
+            f"<ul>{notes}</ul><p class=caveat>{e(metrics['rouge_caveat'])}</p>{extra}"
             f"<h2>Training loss</h2>{_img_tag(loss_curve)}"
             + (f"<h2>Side-by-side answers</h2>{answers}" if shown else "")
             + "</body></html>\n")

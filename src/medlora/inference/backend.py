@@ -72,6 +72,7 @@ class TextStream:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.guard = None  # the emergency guard's finding (safety.GuardResult) where a guard was in front
         self._it = pieces(self)
 
     def __iter__(self) -> "TextStream":
