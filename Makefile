@@ -40,7 +40,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m pip install -q -r benchmarks/requirements.txt
-	$(BIN)/python benchmarks/train_speed.py --steps 3 --warmup 1 --grad_accum 1 --rounds 2 --timeout 900
+	$(BIN)/python -m benchmarks.train_speed --steps 3 --warmup 1 --grad_accum 1 --rounds 2 --timeout 900
 
 lock:
 	rm -rf /tmp/medlora-lock && $(PYTHON) -m venv /tmp/medlora-lock
