@@ -100,8 +100,7 @@ def test_backend_streams_pieces_that_join_to_the_answer_with_token_counts(from_r
     finally:
         del from_run.model.generate
     tok = from_run.tokenizer
-    prompt_ids = tok.apply_chat_template(messages, add_generation_prompt=True)
-    prompt_ids = prompt_ids["input_ids"] if isinstance(prompt_ids, dict) else prompt_ids
+    prompt_ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     new = seen["out"][0, len(prompt_ids):].tolist()
     assert len(pieces) > 3 and all(isinstance(p, str) for p in pieces)
     assert "".join(pieces) == tok.decode(new, skip_special_tokens=True)

@@ -104,7 +104,7 @@ def test_checkpointing_and_precision_flags(tmp_path):
     assert parse_train(["--config", str(old_run)]).gradient_checkpointing == "on"
     with pytest.raises(MedloraError, match="gradient_checkpointing: expected one of auto, on, off"):
         parse_train(["--gradient_checkpointing", "sometimes"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(MedloraError, match=r"argument --precision: invalid choice: 'fp16' \(choose from"):
         parse_train(["--precision", "fp16"])
 
 

@@ -1,5 +1,9 @@
 """Never lose a run: checkpoints, resume after SIGKILL (bit-for-bit equivalent), incomplete checkpoints,
-Ctrl-C, validation before work and safe loading."""
+Ctrl-C, validation before work and safe loading.
+
+The runs use the tiny random-weight model: what is tested is the checkpoint plumbing, not what the model
+knows. They are long enough (STEPS optimizer steps) that a signal sent once checkpoint-2 is complete always
+lands mid-run."""
 
 from __future__ import annotations
 
@@ -16,13 +20,16 @@ import torch
 from safetensors.torch import load_file
 
 from medlora.cli import main
+from medlora.rundir import RunDir
 
-TRAIN = ["--model", "smollm2-135m", "--max_steps", "6", "--gradient_accumulation_steps", "2", "--save_steps", "2",
-         "--max_eval_samples", "2", "--learning_rate", "3e-4"]
+STEPS = 40
+TRAIN = ["--max_steps", str(STEPS), "--gradient_accumulation_steps", "2", "--save_steps", "2", "--max_eval_samples", "2",
+         "--learning_rate", "1e-3"]
 
 
-def start(sample_csv, out: Path, *extra) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "medlora", "train", "--data", str(sample_csv), "--output_dir", str(out), *TRAIN, *extra]
+def start(sample_csv, out: Path, model: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "medlora", "train", "--data", str(sample_csv), "--model", str(model),
+           "--output_dir", str(out), *TRAIN]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
@@ -35,9 +42,9 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
         time.sleep(0.05)
 
 
-def signal_after_first_checkpoint(sample_csv, out: Path, sig: int) -> subprocess.Popen:
+def signal_after_first_checkpoint(sample_csv, out: Path, model: Path, sig: int) -> subprocess.Popen:
     """Start a training subprocess and send it ``sig`` once checkpoint-2 is complete (training goes on)."""
-    proc = start(sample_csv, out)
+    proc = start(sample_csv, out, model)
     wait_for(out / "checkpoint-2" / "medlora_complete.json", proc)
     proc.send_signal(sig)
     return proc
@@ -59,29 +66,32 @@ def losses(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, sample_csv, smol_dir):
+def uninterrupted(tmp_path_factory, sample_csv, tiny_model_dir):
     out = tmp_path_factory.mktemp("resume") / "straight"
-    proc = start(sample_csv, out)
+    proc = start(sample_csv, out, tiny_model_dir)
     assert proc.wait() == 0, proc.communicate()
     return out
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, sample_csv, tmp_path):
+def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, sample_csv, tiny_model_dir, tmp_path):
     out = tmp_path / "killed"
-    signal_after_first_checkpoint(sample_csv, out, signal.SIGKILL).wait()
+    signal_after_first_checkpoint(sample_csv, out, tiny_model_dir, signal.SIGKILL).wait()
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+    resumed_from = int(RunDir(out).latest_complete_checkpoint().name.split("-")[1])
+    assert 2 <= resumed_from < STEPS
 
     assert main(["train", "--resume", str(out)]) == 0
     assert max_adapter_diff(uninterrupted, out) <= 1e-6
     la, lb = losses(uninterrupted), losses(out)
-    assert sorted(la) == sorted(lb) == [1, 2, 3, 4, 5, 6]
-    for step in range(3, 7):  # the losses logged after the resume point are the same
+    assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+    assert max(t.abs().max().item() for k, t in adapter(out).items() if "lora_B" in k) > 1e-4  # it trained
+    for step in range(resumed_from + 1, STEPS + 1):  # the losses logged after the resume point are the same
         assert lb[step] == pytest.approx(la[step], rel=1e-6)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["resumed_from"] and metrics["train_steps"] == 6
+    assert metrics["resumed_from"] == f"checkpoint-{resumed_from}" and metrics["train_steps"] == STEPS
     # checkpoints rotate: the newest save_total_limit (2) are kept
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{STEPS - 2}", f"checkpoint-{STEPS}"]
 
 
 @pytest.mark.slow
@@ -90,37 +100,35 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(uninterrupted, tmp_p
 
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run)
-    for name in ("adapter", "metrics.json"):  # make it look like a run that died after checkpoint-6
+    for name in ("adapter", "metrics.json"):  # make it look like a run that died after its last checkpoint
         shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
-    newest = run / "checkpoint-6" / "adapter_model.safetensors"
+    newest = run / f"checkpoint-{STEPS}" / "adapter_model.safetensors"
     newest.write_bytes(newest.read_bytes()[:1000])
     assert main(["train", "--resume", str(run)]) == 0
     err = capsys.readouterr().err
-    assert "skipping incomplete checkpoint checkpoint-6" in err and "resuming from checkpoint-4" in err
+    assert f"skipping incomplete checkpoint checkpoint-{STEPS}" in err and f"resuming from checkpoint-{STEPS - 2}" in err
     assert max_adapter_diff(uninterrupted, run) <= 1e-6
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_resumable_checkpoint(uninterrupted, sample_csv, tmp_path):
+def test_ctrl_c_saves_a_resumable_checkpoint(uninterrupted, sample_csv, tiny_model_dir, tmp_path):
     out = tmp_path / "interrupted"
-    proc = signal_after_first_checkpoint(sample_csv, out, signal.SIGINT)
+    proc = signal_after_first_checkpoint(sample_csv, out, tiny_model_dir, signal.SIGINT)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
     assert "checkpoint saved" in last and f"medlora train --resume {out}" in last and "Traceback" not in err
     assert not (out / "metrics.json").exists()
-    from medlora.rundir import RunDir
-
     ckpt = RunDir(out).latest_complete_checkpoint()
-    assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 2
+    assert ckpt is not None and 2 <= int(ckpt.name.split("-")[1]) < STEPS
     assert main(["train", "--resume", str(out)]) == 0
     assert max_adapter_diff(uninterrupted, out) <= 1e-6
 
 
 def test_resume_rejects_disagreeing_flags_and_non_runs(uninterrupted, tmp_path, capsys):
-    assert main(["train", "--resume", str(uninterrupted), "--learning_rate", "1e-3", "--lora_r", "8"]) == 2
+    assert main(["train", "--resume", str(uninterrupted), "--learning_rate", "3e-3", "--lora_r", "8"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "learning_rate (saved 0.0003, given 0.001)" in err and "lora_r" not in err
+    assert "learning_rate (saved 0.001, given 0.003)" in err and "lora_r" not in err
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "not a medlora run folder" in capsys.readouterr().err
 
@@ -128,10 +136,28 @@ def test_resume_rejects_disagreeing_flags_and_non_runs(uninterrupted, tmp_path, 
 def test_resume_without_complete_checkpoint_is_a_clear_error(uninterrupted, tmp_path, capsys):
     import shutil
 
-    run = tmp_path / "run"
-    shutil.copytree(uninterrupted, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    run = tmp_path / "run"  # a run that died before its first checkpoint
+    shutil.copytree(uninterrupted, run, ignore=shutil.ignore_patterns("checkpoint-*", "adapter", "metrics.json"))
     assert main(["train", "--resume", str(run)]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_changes_nothing_and_a_larger_max_steps_extends_it(uninterrupted, tmp_path, capsys):
+    import shutil
+
+    run = Path(shutil.copytree(uninterrupted, tmp_path / "run"))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"this run already finished ({STEPS} optimizer steps); nothing was changed" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing deleted or rewritten
+    assert main(["train", "--resume", str(run), "--max_steps", str(STEPS)]) == 2  # not larger: still finished
+    assert main(["train", "--resume", str(run), "--max_steps", str(STEPS + 2)]) == 0
+    assert f"extending the finished run from {STEPS} to {STEPS + 2} steps" in capsys.readouterr().err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train_steps"] == STEPS + 2 and metrics["resumed_from"] == f"checkpoint-{STEPS}"
+    assert sorted(losses(run)) == list(range(1, STEPS + 3))
+    assert f"max_steps: {STEPS + 2}" in (run / "config.yaml").read_text()
 
 
 def test_unwritable_output_dir_fails_before_training(sample_csv, tmp_path, capsys):

@@ -47,6 +47,9 @@ def repl(backend: Backend, params: GenerationParams, system_prompt: str | None =
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return
+        except UnicodeDecodeError:
+            print("(that line is not UTF-8 text; type it again)", file=sys.stderr)
+            continue
         if not question:
             continue
         if question in ("/exit", "/quit"):

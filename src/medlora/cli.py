@@ -26,6 +26,18 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", message=".*is deprecated.*")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``medlora: error:`` line (not 25 lines of usage), and flags are never
+    abbreviated: a prefix such as --learn is an unknown flag with a suggestion, not a guess."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise MedloraError(message.replace("\n", " "))
+
+
 def _strip_jupyter_args(unknown: list[str]) -> list[str]:
     """Drop Jupyter's kernel-connection argument (-f FILE, --f=FILE); return what is left."""
     rest, skip = [], False
@@ -64,23 +76,35 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resume_config(args):
-    """The saved configuration of RUN_DIR; options given again must agree with it."""
-    from dataclasses import fields
+    """The saved configuration of RUN_DIR; options given again must agree with it, except a larger
+    --max_steps, which extends the run."""
+    from dataclasses import fields, replace
+    from pathlib import Path
 
     from .config import TrainConfig, load_yaml
     from .rundir import RunDir
 
-    saved = RunDir.open(args.resume, finished=False).read_config()
+    run = RunDir.open(args.resume, finished=False)
+    saved = run.read_config()
+    if saved.data and not Path(saved.data).is_file() and run.read_info().get("data"):
+        saved = replace(saved, data=run.read_info()["data"])  # a relative path saved by release 0.1.0
     given = build_config(args)
     explicit = {f.name for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     explicit |= set(load_yaml(args.config)) if args.config else set()
     explicit.discard("output_dir")  # the run folder is RUN_DIR
-    differ = [f"{k} (saved {getattr(saved, k)!r}, given {getattr(given, k)!r})"
-              for k in sorted(explicit) if getattr(given, k) != getattr(saved, k)]
+
+    def same(key) -> bool:
+        a, b = getattr(given, key), getattr(saved, key)
+        if key == "data" and a and b:
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b or (key == "max_steps" and a > max(b, 0))  # a larger --max_steps extends the run
+
+    differ = [f"{k} (saved {getattr(saved, k)!r}, given {getattr(given, k)!r})" for k in sorted(explicit)
+              if not same(k)]
     if differ:
         raise MedloraError("--resume: these options differ from the run's saved configuration: "
                            + "; ".join(differ) + ". Drop them, or start a new run")
-    return saved
+    return replace(saved, max_steps=given.max_steps) if "max_steps" in explicit else saved
 
 
 def cmd_train(args) -> int:
@@ -108,6 +132,8 @@ def cmd_data_check(args) -> int:
     from .data import encode_frame, length_stats, load_qa_csv
     from .model import load_tokenizer, resolve_model
 
+    if args.max_seq_len < 16:
+        raise MedloraError("max_seq_len must be >= 16")
     df, report = load_qa_csv(args.file)
     tok = load_tokenizer(resolve_model(args.model))
     encoded = encode_frame(tok, df, args.system_prompt or DEFAULT_SYSTEM_PROMPT, args.max_seq_len,
@@ -270,7 +296,7 @@ GROUPS = {"data": "inspect a dataset"}
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="medlora", description="CPU LoRA fine-tuning for medical Q&A")
+    parser = Parser(prog="medlora", description="CPU LoRA fine-tuning for medical Q&A")
     parser.add_argument("--version", action="version", version=f"medlora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}

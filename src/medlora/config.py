@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -74,6 +75,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+INT_LIMIT = 2**31 - 1  # integer options beyond this overflow somewhere in torch, numpy or the Trainer
 CHOICES = {"lr_scheduler_type": ("cosine", "linear"), "optim": None,
            "precision": ("auto", "fp32", "bf16"), "gradient_checkpointing": ("auto", "on", "off")}
 # str fields that also take a yes/no: YAML `gradient_checkpointing: true` and the bare flag mean "on"
@@ -132,15 +134,30 @@ def _coerce(name: str, value, tp):
             items = value if isinstance(value, (list, tuple)) else [value]
             out = [p.strip() for item in items for p in str(item).split(",") if p.strip()]
             return out or None
+        if isinstance(value, (dict, list, tuple, set)) or (tp in (int, float) and isinstance(value, bool)):
+            raise ValueError(value)
         if tp is int:
-            if isinstance(value, float) and not value.is_integer():
+            number = float(value) if isinstance(value, float) or (isinstance(value, str) and any(
+                c in value.lower() for c in ".en")) else int(value)
+            if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
                 raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            number = int(number)
+            if abs(number) > INT_LIMIT:
+                raise MedloraError(f"{name}: {value!r} is out of range (at most {INT_LIMIT})")
+            return number
         if tp is float:
-            return float(value)  # YAML reads "2e-4" as a string; float() accepts it
+            number = float(value)  # YAML reads "2e-4" as a string; float() accepts it
+            if not math.isfinite(number):
+                raise MedloraError(f"{name}: expected a finite number, got {value!r}")
+            return number
         return str(value)
-    except (TypeError, ValueError):
-        raise MedloraError(f"{name}: expected {tp.__name__}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise MedloraError(f"{name}: expected {tp.__name__}, got {_short(value)}") from None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
@@ -189,6 +206,9 @@ def build_config(args: argparse.Namespace | None = None, yaml_path: str | None =
     yaml_path = yaml_path or (getattr(args, "config", None) if args is not None else None)
     if yaml_path:
         raw = load_yaml(yaml_path)
+        not_names = [k for k in raw if not isinstance(k, str)]
+        if not_names:
+            raise MedloraError(f"{yaml_path}: option names must be text, got {_short(not_names[0])}")
         unknown = sorted(set(raw) - set(types))
         if unknown:
             raise MedloraError(f"{yaml_path}: unknown option(s) {', '.join(unknown)}")
@@ -205,6 +225,7 @@ def validate(cfg: TrainConfig) -> None:
     """Range checks that must fail before any model is loaded."""
     checks = [
         (0 < cfg.test_size < 1, "test_size must be between 0 and 1 (exclusive)"),
+        (0 <= cfg.seed < 2**32, "seed must be in [0, 2**32)"),
         (cfg.learning_rate > 0, "learning_rate must be > 0"),
         (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
         (cfg.lora_r >= 1, "lora_r must be >= 1"),
@@ -213,7 +234,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.max_seq_len >= 16, "max_seq_len must be >= 16"),
         (cfg.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
         (cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
-        (cfg.num_train_epochs > 0, "num_train_epochs must be > 0"),
+        (0 < cfg.num_train_epochs <= 1000, "num_train_epochs must be > 0 and <= 1000"),
         (cfg.max_steps == -1 or cfg.max_steps >= 1, "max_steps must be -1 (off) or >= 1"),
         (0 <= cfg.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
         (cfg.max_train_samples is None or cfg.max_train_samples >= 1, "max_train_samples must be >= 1"),
@@ -225,6 +246,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.lr_scheduler_type in CHOICES["lr_scheduler_type"],
          f"lr_scheduler_type must be one of {', '.join(CHOICES['lr_scheduler_type'])}"),
         (bool(cfg.system_prompt.strip()), "system_prompt must not be empty"),
+        (cfg.data is None or bool(cfg.data.strip()), "data must not be empty"),
+        (bool(cfg.model.strip()), "model must not be empty"),
         (cfg.precision in CHOICES["precision"], f"precision must be one of {', '.join(CHOICES['precision'])}"),
         (cfg.gradient_checkpointing in CHOICES["gradient_checkpointing"],
          f"gradient_checkpointing must be one of {', '.join(CHOICES['gradient_checkpointing'])}"),

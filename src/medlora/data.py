@@ -5,6 +5,7 @@ The CSV is read and validated before any model is loaded, so bad input fails in 
 
 from __future__ import annotations
 
+import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ class DataReport:
 
 
 def _decode(path: Path, raw: bytes) -> str:
-    if b"\x00" in raw[:65536]:
+    if b"\x00" in raw:
         raise MedloraError(f"{path}: not a text CSV file (contains NUL bytes; is it a spreadsheet or archive?)")
     try:
         return raw.decode("utf-8-sig")
@@ -72,7 +73,17 @@ def load_qa_csv(path: str | Path) -> tuple[pd.DataFrame, DataReport]:
     except pd.errors.ParserError as e:
         raise MedloraError(f"{path}: malformed CSV ({str(e).strip()})") from None
 
-    # Forgive case and surrounding spaces in header names; keep extra columns out of the way.
+    # Forgive case and surrounding spaces in header names; keep extra columns out of the way. Two headers that
+    # are the same name (pandas would quietly rename one "Question.1") are ambiguous: refuse them.
+    header_names = next(csv.reader(io.StringIO(text.lstrip())), [])
+    seen: dict[str, str] = {}
+    for name in header_names:
+        key = name.strip().lower()
+        if key in {c.lower() for c in COLUMNS} and key in seen:
+            canonical = next(c for c in COLUMNS if c.lower() == key)
+            raise MedloraError(f"{path}: the {canonical} column appears twice ({seen[key]!r} and {name!r}; header "
+                               "case does not matter); keep one")
+        seen.setdefault(key, name)
     by_key = {str(c).strip().lower(): c for c in df.columns}
     missing = [c for c in COLUMNS if c.lower() not in by_key]
     if missing:

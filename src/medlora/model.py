@@ -103,13 +103,24 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _remote_code_hint(e: Exception) -> str:
+    if "trust_remote_code" in str(e):
+        return (" (this model runs its own Python code; medlora refuses that unless you pass --trust_remote_code "
+                "for a source you trust)")
+    return ""
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise MedloraError(f"cannot load tokenizer from '{source}': {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise MedloraError(f"cannot load tokenizer from '{source}': {_first_line(e)}{_remote_code_hint(e)}") from None
     if tok.chat_template is None:
         raise MedloraError(f"'{source}' has no chat template; medlora needs an instruct/chat model")
     tok.padding_side = "right"
@@ -127,11 +138,11 @@ def load_model(source: str, trust_remote_code: bool = False, dtype: torch.dtype 
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=None if allow_pickle_weights else True)
-    except OSError as e:
-        hint = ""
+    except (OSError, ValueError, KeyError) as e:
+        hint = _remote_code_hint(e)
         if not allow_pickle_weights and "safetensors" in str(e).lower():
             hint = " (only .bin pickle weights? pass --allow_pickle_weights if you trust the source)"
-        raise MedloraError(f"cannot load model from '{source}': {str(e).splitlines()[0]}{hint}") from None
+        raise MedloraError(f"cannot load model from '{source}': {_first_line(e)}{hint}") from None
     return model.to("cpu")
 
 
@@ -161,4 +172,9 @@ def load_run_model(run, base: str | None = None, trust_remote_code: bool = False
     base_name = base or run.read_config_raw().get("model") or TrainConfig.model
     tokenizer = load_tokenizer(str(run.adapter_dir), trust_remote_code)
     base_model = load_model(resolve_model(base_name), trust_remote_code)
-    return PeftModel.from_pretrained(base_model, str(run.adapter_dir)), tokenizer, base_name
+    try:
+        return PeftModel.from_pretrained(base_model, str(run.adapter_dir)), tokenizer, base_name
+    except Exception as e:  # noqa: BLE001 - safetensors, JSON and shape errors all mean a damaged or foreign adapter
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise MedloraError(f"{run.adapter_dir}: the adapter cannot be loaded onto {base_name} ({first}); the folder "
+                           "may be damaged (an interrupted copy?) or made for another base model") from None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ TRAINER_STATE = "trainer_state.json"
 LOSS_CURVE = "loss_curve.png"
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE = "medlora_complete.json"
+LOCK = ".medlora-lock"  # pid of the process training in the folder; a dead process's lock is taken over
 EVAL = "eval"
 REPORT_MD, REPORT_HTML = "report.md", "report.html"  # in eval/, beside its own metrics.json
 
@@ -53,9 +55,20 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def finite_json(value):
+    """NaN and infinity as null: JSON has no such numbers, and a run folder's files must stay valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.write_text(json.dumps(finite_json(data), indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -114,6 +127,32 @@ def check_output_location(path: Path, need_bytes: int = 0) -> None:
                            f"and artifacts, {free / 1e9:.1f} GB free")
 
 
+def claim_output_dir(path: str | Path) -> "RunDir":
+    """Choose the run folder for a new run and lock it at once, before any slow work: ``path`` itself when it
+    is absent or empty, else a timestamped sibling. Two runs started together never share a folder: the
+    loser of the lock race moves on to the next candidate."""
+    for _ in range(50):
+        run = RunDir(unique_output_dir(path))
+        created = None if run.path.exists() else run.path
+        while created is not None and not created.parent.exists():
+            created = created.parent
+        run.path.mkdir(parents=True, exist_ok=True)
+        if run.try_lock():
+            run.created_root = created
+            return run
+    raise MedloraError(f"could not claim a run folder next to {path}: too many runs are starting there")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def mark_complete(checkpoint: Path) -> None:
@@ -144,6 +183,7 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.created_root: Path | None = None  # the topmost folder claim_output_dir created, if any
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -229,6 +269,55 @@ class RunDir:
 
     def system_prompt(self) -> str | None:
         return self.read_config_raw().get("system_prompt") if self.config_file.is_file() else None
+
+    # -- one training process at a time
+    def try_lock(self) -> bool:
+        """Take the folder's lock (exclusive create); False when a live process holds it. A lock left by a
+        process that died (SIGKILL, power loss) is taken over."""
+        lock = self.path / LOCK
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = int(lock.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    holder = 0
+                if holder and holder != os.getpid() and _pid_alive(holder):
+                    return False
+                if holder == os.getpid():
+                    return True
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return True
+        return False
+
+    def lock_or_fail(self) -> None:
+        if not self.try_lock():
+            raise MedloraError(f"{self.path}: another medlora process is training in this folder "
+                               f"(pid {(self.path / LOCK).read_text().strip()}); wait for it or stop it first")
+
+    def unlock(self, remove_if_unused: bool = False) -> None:
+        """Release the lock; ``remove_if_unused``: also remove the folder if the lock was all it held (a run
+        that failed before it wrote anything leaves nothing behind)."""
+        lock = self.path / LOCK
+        try:
+            if int(lock.read_text().strip() or 0) == os.getpid():
+                lock.unlink()
+        except (OSError, ValueError):
+            return
+        if remove_if_unused and self.created_root is not None:
+            folder = self.path
+            while True:
+                try:
+                    folder.rmdir()  # only succeeds when empty
+                except OSError:
+                    return
+                if folder == self.created_root:
+                    return
+                folder = folder.parent
 
     # -- checkpoints
     def checkpoint(self, step: int) -> Path:

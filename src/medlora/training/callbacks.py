@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import sys
@@ -82,6 +83,24 @@ class CheckpointGuard(TrainerCallback):
             trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's own checkpoint writer
             mark_complete(ckpt)
         return ckpt
+
+
+class FiniteLoss(TrainerCallback):
+    """Stops training at the first optimizer step whose loss, or whose updated LoRA weights, are not finite
+    (NaN or infinity), before that step is checkpointed: the newest checkpoint stays a good one."""
+
+    def __init__(self):
+        self.bad_step: int | None = None
+        self.bad_value = None
+
+    def on_log(self, args, state, control, logs=None, model=None, **kw):
+        loss = (logs or {}).get("loss")
+        weights_ok = model is None or all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+        if (loss is not None and not math.isfinite(loss)) or not weights_ok:
+            self.bad_step, self.bad_value = state.global_step, loss if loss is not None else "weights"
+            control.should_save = False
+            control.should_training_stop = True
+        return control
 
 
 class SampleProgress(TrainerCallback):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -25,8 +25,8 @@ from ..cpu import SpeedPlan, cpu_has_native_bf16, cpu_summary, resolve_checkpoin
 from ..data import DataReport, EncodedSplit, encode_frame, load_qa_csv, split
 from ..errors import Interrupted, MedloraError, log
 from ..model import find_lora_targets, load_model, load_tokenizer, resolve_model
-from ..rundir import RunDir, check_output_location, file_sha256, unique_output_dir
-from .callbacks import CheckpointGuard, Interrupt
+from ..rundir import RunDir, check_output_location, claim_output_dir, file_sha256
+from .callbacks import CheckpointGuard, FiniteLoss, Interrupt
 from .losses import accepts_logits_to_keep
 from .trainer import build_trainer
 
@@ -40,6 +40,7 @@ class Job:
     data_sha256: str
     run: RunDir
     resume_from: Path | None  # the newest complete checkpoint, when resuming
+    extending: bool = False   # resuming a finished run with a larger --max_steps
 
 
 @dataclass
@@ -65,18 +66,27 @@ def preflight(cfg: TrainConfig, resume: str | Path | None) -> Job:
     if not cfg.data:
         raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
     table = load_qa_csv(cfg.data)  # fast fail on a bad CSV before even resolving the model
+    cfg = replace(cfg, data=str(Path(cfg.data).resolve()))  # saved absolute: --resume works from anywhere
     sha = file_sha256(cfg.data)
-    run = RunDir(resume) if resume else RunDir(unique_output_dir(cfg.output_dir))
+    if not resume:
+        check_output_location(Path(cfg.output_dir))
+        return Job(cfg, table, sha, claim_output_dir(cfg.output_dir), None)  # claimed before any slow work
+    run = RunDir(resume)
     check_output_location(run.path)
-    resume_from = None
-    if resume:
-        saved = run.read_info().get("data_sha256")
-        if saved and saved != sha:
-            raise MedloraError(f"{cfg.data} changed since this run started; resuming would train on different rows")
-        resume_from = run.latest_complete_checkpoint()
-        if resume_from is None:
-            raise MedloraError(f"{run}: no complete checkpoint to resume from; start a new run instead")
-    return Job(cfg, table, sha, run, resume_from)
+    saved = run.read_info().get("data_sha256")
+    if saved and saved != sha:
+        raise MedloraError(f"{cfg.data} changed since this run started; resuming would train on different rows")
+    done = run.read_metrics().get("train_steps")
+    extending = done is not None and cfg.max_steps > done
+    if done is not None and not extending:
+        raise MedloraError(f"{run}: this run already finished ({done} optimizer steps); nothing was changed. To "
+                           f"train it further, give a larger step count: medlora train --resume {run} --max_steps N "
+                           f"(N > {done})")
+    resume_from = run.latest_complete_checkpoint()
+    if resume_from is None:
+        raise MedloraError(f"{run}: no complete checkpoint to resume from; start a new run instead")
+    run.lock_or_fail()
+    return Job(cfg, table, sha, run, resume_from, extending)
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, table: tuple) -> PreparedData:
@@ -180,10 +190,11 @@ def open_run(job: Job, info: dict, trainable: int, total: int) -> None:
     need = trainable * 4 * 3 * (cfg.save_total_limit + 2) + (total * 4 if cfg.merge_model else 0)
     check_output_location(run.path, need)
     if job.resume_from is None and run.path != Path(cfg.output_dir):
-        log(f"{cfg.output_dir} exists and is not empty; writing to {run} instead")
-    run.path.mkdir(parents=True, exist_ok=True)
-    if job.resume_from is None:
+        log(f"{cfg.output_dir} exists and is not empty (or another run is starting there); writing to {run} instead")
+    if job.resume_from is None or job.extending:
         run.write_config(cfg)
+    if job.extending:
+        log(f"extending the finished run from {run.read_metrics().get('train_steps')} to {cfg.max_steps} steps")
     run.write_info(info)
 
 
@@ -200,13 +211,19 @@ def train(job: Job, trainer, n_eval: int) -> tuple[dict, Outcome]:
         run.remove_checkpoints_after(job.resume_from)
         log(f"resuming from {job.resume_from.name}")
     interrupt = Interrupt()
-    guard = CheckpointGuard(interrupt)
+    guard, finite = CheckpointGuard(interrupt), FiniteLoss()
     trainer.add_callback(guard)
+    trainer.add_callback(finite)
     tokens_before = run.trainer_state(job.resume_from).get("num_input_tokens_seen", 0) if job.resume_from else 0
     started = time.time()
     with interrupt:
         result = trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
     seconds = time.time() - started
+    if finite.bad_step is not None:
+        last = run.latest_complete_checkpoint()
+        kept = f"the last good checkpoint is {last.name}" if last else "no checkpoint was saved before it"
+        raise MedloraError(f"training stopped at step {finite.bad_step}: the loss became {finite.bad_value} "
+                           f"(not a finite number); {kept}. Start a new run with a lower --learning_rate")
     if interrupt.requested:
         if trainer.state.global_step == 0:
             raise Interrupted("stopped before the first optimizer step; nothing to resume (start the run again)")
@@ -258,9 +275,20 @@ def finish(job: Job, trainer, model, tokenizer, base: dict, outcome: Outcome, pl
 
 def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     """Train (or, with ``resume``, continue the run in that folder); returns the run folder."""
+    job = preflight(cfg, resume)
+    try:
+        return _run(job)
+    except BaseException:
+        job.run.unlock(remove_if_unused=True)  # a run that failed before writing anything leaves no folder
+        raise
+    finally:
+        job.run.unlock()
+
+
+def _run(job: Job) -> Path:
     from transformers import set_seed
 
-    job = preflight(cfg, resume)
+    cfg = job.cfg
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     data = prepare_data(cfg, tokenizer, job.table)
