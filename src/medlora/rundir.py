@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -66,9 +67,20 @@ def finite_json(value):
     return value
 
 
+# Fault injection for the crash tests (tests/test_crash.py): with MEDLORA_TEST_CRASH_AT=<point>, the process
+# SIGKILLs itself at that point of writing an artifact, exactly as a power cut or the OOM killer would.
+CRASH_ENV = "MEDLORA_TEST_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(finite_json(data), indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
+    crash_point(f"json:{path.name}")
     os.replace(tmp, path)
 
 
@@ -83,12 +95,15 @@ def read_json(path: Path) -> dict:
 
 def atomic_dir(final: Path, write: Callable[[Path], object]) -> Path:
     """Call write(tmp_dir), then rename into place, so readers never see a half-written folder."""
-    tmp = final.with_name(final.name + ".tmp")
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    crash_point(f"dir:{final.name}")
+    if final.exists():  # replacing: the previous version stays whole until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -159,6 +174,7 @@ def mark_complete(checkpoint: Path) -> None:
     """Record every file's size once the Trainer has finished writing the checkpoint."""
     sizes = {str(p.relative_to(checkpoint)): p.stat().st_size
              for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != COMPLETE}
+    crash_point(f"checkpoint:{checkpoint.name}")
     write_json_atomic(checkpoint / COMPLETE, {"files": sizes})
 
 
@@ -264,8 +280,11 @@ class RunDir:
     def write_base_eval(self, base: dict) -> None:
         write_json_atomic(self.base_eval_file, base)
 
+    def trainer_state_file(self, checkpoint: Path | None = None) -> Path:
+        return (checkpoint or self.path) / TRAINER_STATE
+
     def trainer_state(self, checkpoint: Path | None = None) -> dict:
-        return read_json((checkpoint or self.path) / TRAINER_STATE)
+        return read_json(self.trainer_state_file(checkpoint))
 
     def system_prompt(self) -> str | None:
         return self.read_config_raw().get("system_prompt") if self.config_file.is_file() else None

@@ -41,6 +41,7 @@ class Job:
     run: RunDir
     resume_from: Path | None  # the newest complete checkpoint, when resuming
     extending: bool = False   # resuming a finished run with a larger --max_steps
+    steps_done: bool = False  # resume_from is the last step already (killed while writing the final artifacts)
 
 
 @dataclass
@@ -85,8 +86,11 @@ def preflight(cfg: TrainConfig, resume: str | Path | None) -> Job:
     resume_from = run.latest_complete_checkpoint()
     if resume_from is None:
         raise MedloraError(f"{run}: no complete checkpoint to resume from; start a new run instead")
+    state = run.trainer_state(resume_from)
+    target = cfg.max_steps if cfg.max_steps > 0 else state.get("max_steps")
+    steps_done = bool(target) and state.get("global_step", 0) >= target
     run.lock_or_fail()
-    return Job(cfg, table, sha, run, resume_from, extending)
+    return Job(cfg, table, sha, run, resume_from, extending, steps_done)
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, table: tuple) -> PreparedData:
@@ -215,6 +219,8 @@ def train(job: Job, trainer, n_eval: int) -> tuple[dict, Outcome]:
     trainer.add_callback(guard)
     trainer.add_callback(finite)
     tokens_before = run.trainer_state(job.resume_from).get("num_input_tokens_seen", 0) if job.resume_from else 0
+    if job.steps_done:  # every step is in the checkpoint: load it and finish, never train past max_steps
+        return base, restore_finished_steps(job, trainer)
     started = time.time()
     with interrupt:
         result = trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
@@ -231,6 +237,20 @@ def train(job: Job, trainer, n_eval: int) -> tuple[dict, Outcome]:
         raise Interrupted(f"stopped at step {trainer.state.global_step}/{trainer.state.max_steps}; checkpoint saved "
                           f"in {ckpt}. Resume with: medlora train --resume {run}")
     return base, Outcome(result.training_loss, seconds, tokens_before)
+
+
+def restore_finished_steps(job: Job, trainer) -> Outcome:
+    """A run killed after its last optimizer step (while writing the adapter or metrics.json): take the
+    adapter weights and the log history from its final checkpoint."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+    from transformers import TrainerState
+
+    log(f"{job.resume_from.name} holds the run's last step; writing the final artifacts without training further")
+    set_peft_model_state_dict(trainer.model, load_peft_weights(str(job.resume_from)))
+    trainer.state = TrainerState.load_from_json(str(job.run.trainer_state_file(job.resume_from)))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return Outcome(sum(losses) / len(losses) if losses else float("nan"), 0.0, trainer.state.num_input_tokens_seen)
 
 
 def finish(job: Job, trainer, model, tokenizer, base: dict, outcome: Outcome, plan: SpeedPlan, n_eval: int) -> dict:
