@@ -48,6 +48,10 @@ def repl(backend: Backend, params: GenerationParams, system_prompt: str | None =
             print(file=sys.stderr)
             return
         except UnicodeDecodeError:
+            question = "\udcff"  # reported below, as when the decoder kept the bytes as surrogate escapes
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError:
             print("(that line is not UTF-8 text; type it again)", file=sys.stderr)
             continue
         if not question:

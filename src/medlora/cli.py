@@ -189,11 +189,14 @@ def safety_arguments(p: argparse.ArgumentParser) -> None:
                    help="the emergency number the notice names (default: examples 911 / 112 / 999)")
 
 
+def check_emergency_number(args) -> None:
+    if args.emergency_number is not None and not args.emergency_number.strip():
+        raise MedloraError("--emergency_number is empty")
+
+
 def guarded(backend, args):
     from .inference.guard import GuardedBackend
 
-    if args.emergency_number is not None and not args.emergency_number.strip():
-        raise MedloraError("--emergency_number is empty")
     return GuardedBackend(backend, enabled=not args.no_safety_guard, emergency_number=args.emergency_number)
 
 
@@ -206,6 +209,7 @@ def cmd_chat(args) -> int:
         raise MedloraError("give a run folder (medlora chat runs/NAME) or --model NAME for the base model")
     if args.question is not None and not args.question.strip():
         raise MedloraError("--question is empty")
+    check_emergency_number(args)
     seed = args.seed
     if args.mode == "sample" and seed is None:  # a fresh seed, shown so the answer can be reproduced
         seed = random.SystemRandom().randrange(2**31)
@@ -247,8 +251,7 @@ def cmd_eval(args) -> int:
     from .evals.compare import evaluate_run
     from .evals.report import REPORT_HTML
 
-    if args.emergency_number is not None and not args.emergency_number.strip():
-        raise MedloraError("--emergency_number is empty")
+    check_emergency_number(args)
     out = evaluate_run(args.run_dir, data=args.data, samples=args.samples, max_new_tokens=args.max_new_tokens,
                        max_eval_samples=args.max_eval_samples, show=args.show, model=args.model,
                        safety_guard=not args.no_safety_guard, emergency_number=args.emergency_number,

@@ -216,6 +216,10 @@ def build_config(args: argparse.Namespace | None = None, yaml_path: str | None =
     if args is not None:
         values.update({k: v for k, v in vars(args).items() if k in types and v is not None})
     values.update(overrides)
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if value is None and type(None) not in typing.get_args(hints[key]):
+            raise MedloraError(f"{key}: a value is required (got an empty one)")
     cfg = cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
     validate(cfg)
     return cfg

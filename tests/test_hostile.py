@@ -1,0 +1,332 @@
+"""Hostile and awkward input across every subcommand: each case ends with exit code 2, exactly one
+`medlora: error:` line, no traceback, and the file system as it was. Plus property-based fuzzing (hypothesis)
+of the configuration layer and the CSV reader: the only outcomes are success or a one-line error."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from medlora.cli import build_parser, main, parse_args
+from medlora.config import TrainConfig, build_config, save_config
+from medlora.data import load_qa_csv
+from medlora.errors import MedloraError
+
+GOOD_ROWS = "qtype,Question,Answer\n" + "".join(f"info,What is condition {i}?,Answer {i}.\n" for i in range(20))
+
+
+def message_lines(err: str) -> list[str]:
+    """stderr without progress bars (model loading shows one before a late error): what a person reads."""
+    parts = [p.strip() for line in err.splitlines() for p in line.split("\r")]
+    return [p for p in parts if p and not re.search(r"\d+%\|", p)]
+
+
+def snapshot(root: Path) -> dict:
+    """Every path with its size and modification time (files; a folder counts by what is in it)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "folder"
+            for p in sorted(root.rglob("*"))}
+
+
+class Ctx:
+    """Files the cases point at, made fresh in each test's folder."""
+
+    def __init__(self, root: Path, tiny: Path):
+        self.root, self.tiny = root, tiny
+        self.csv = root / "good.csv"
+        self.csv.write_text(GOOD_ROWS)
+        self.file = root / "a_file.txt"
+        self.file.write_text("x")
+        self.empty_dir = root / "empty"
+        self.empty_dir.mkdir()
+        self.model_dir = root / "model"  # a model folder, not a run
+        self.model_dir.mkdir()
+        (self.model_dir / "config.json").write_text("{}")
+
+    def write(self, name: str, content) -> str:
+        path = self.root / name
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+        return str(path)
+
+    def run_folder(self, finished: bool, **cfg) -> str:
+        """A run folder as training leaves it (configuration, run info; finished: metrics too)."""
+        run = self.root / ("finished" if finished else "unfinished")
+        run.mkdir()
+        save_config(build_config(data=str(self.csv), model=str(self.tiny), max_steps=4, **cfg), run / "config.yaml")
+        (run / "run_info.json").write_text("{}")
+        if finished:
+            (run / "metrics.json").write_text('{"train_steps": 4}')
+        return str(run)
+
+
+def train(c: Ctx, *flags) -> list[str]:
+    return ["train", "--data", str(c.csv), "--model", str(c.tiny), "--output_dir", str(c.root / "out"), *flags]
+
+
+CASES = {
+    # numbers: infinite, NaN, out of range, wrong type
+    "lr_inf": lambda c: train(c, "--learning_rate", "inf"),
+    "lr_nan": lambda c: train(c, "--learning_rate", "nan"),
+    "lr_negative": lambda c: train(c, "--learning_rate", "-1e-4"),
+    "max_steps_huge_float": lambda c: train(c, "--max_steps", "1e40"),
+    "max_steps_huge_int": lambda c: train(c, "--max_steps", "99999999999999999999999"),
+    "max_steps_fraction": lambda c: train(c, "--max_steps", "2.5"),
+    "seed_negative": lambda c: train(c, "--seed", "-1"),
+    "lora_r_zero": lambda c: train(c, "--lora_r", "0"),
+    "test_size_above_one": lambda c: train(c, "--test_size", "1.5"),
+    "epochs_absurd": lambda c: train(c, "--num_train_epochs", "1e9"),
+    "batch_not_a_number": lambda c: train(c, "--per_device_train_batch_size", "abc"),
+    "dropout_one": lambda c: train(c, "--lora_dropout", "1"),
+    "empty_system_prompt": lambda c: train(c, "--system_prompt", "  "),
+    # argparse: invalid choices, prefixes, missing values, unknown commands
+    "precision_choice": lambda c: train(c, "--precision", "fp16"),
+    "scheduler_choice": lambda c: train(c, "--lr_scheduler_type", "constant"),
+    "flag_prefix": lambda c: train(c, "--learn", "1e-3"),
+    "flag_typo": lambda c: train(c, "--learing_rate", "1e-3"),
+    "flag_without_value": lambda c: train(c, "--max_steps"),
+    "unknown_command": lambda c: ["fine-tune"],
+    "unknown_data_command": lambda c: ["data", "clean", str(c.csv)],
+    "no_data": lambda c: ["train", "--model", str(c.tiny), "--output_dir", str(c.root / "out")],
+    # YAML configuration files
+    "yaml_int_keys": lambda c: ["train", "--config", c.write("k.yaml", "{1: 2, 3: 4}")],
+    "yaml_list": lambda c: ["train", "--config", c.write("l.yaml", "- a\n- b\n")],
+    "yaml_unknown_key": lambda c: ["train", "--config", c.write("u.yaml", "learning_rat: 1e-4\n")],
+    "yaml_nested_value": lambda c: ["train", "--config", c.write("n.yaml", "learning_rate: {a: 1}\n")],
+    "yaml_syntax": lambda c: ["train", "--config", c.write("s.yaml", "learning_rate: [1, 2\n")],
+    "yaml_inf": lambda c: ["train", "--config", c.write("i.yaml", f"data: {c.csv}\nlearning_rate: .inf\n")],
+    "yaml_missing": lambda c: ["train", "--config", str(c.root / "nope.yaml")],
+    "yaml_binary": lambda c: ["train", "--config", c.write("b.yaml", b"\xff\xfe\x00\x01")],
+    # CSV files
+    "csv_missing": lambda c: ["train", "--data", str(c.root / "nope.csv")],
+    "csv_is_a_folder": lambda c: ["train", "--data", str(c.empty_dir)],
+    "csv_nul_after_64k": lambda c: train(c)[:1] + ["--data", c.write("nul.csv", GOOD_ROWS.encode() + b"a" * 70000
+                                                                     + b"\x00\n")] + train(c)[3:],
+    "csv_duplicate_header_case": lambda c: ["train", "--data", c.write("dup.csv", "qtype,Question,question,Answer\n"
+                                                                       "a,b,c,d\n")],
+    "csv_semicolons": lambda c: ["train", "--data", c.write("semi.csv", "qtype;Question;Answer\na;b;c\n")],
+    "csv_latin1": lambda c: ["train", "--data", c.write("latin.csv", "qtype,Question,Answer\na,caf\xe9?,b\n"
+                                                        .encode("latin-1"))],
+    "csv_header_only": lambda c: ["train", "--data", c.write("h.csv", "qtype,Question,Answer\n")],
+    "csv_one_row": lambda c: ["train", "--data", c.write("one.csv", "qtype,Question,Answer\na,b?,c\n"),
+                              "--model", str(c.tiny), "--output_dir", str(c.root / "out")],
+    # run folders and --resume
+    "output_under_a_file": lambda c: train(c)[:-1] + [str(c.file / "run")],
+    "resume_missing": lambda c: ["train", "--resume", str(c.root / "nope")],
+    "resume_not_a_run": lambda c: ["train", "--resume", str(c.empty_dir)],
+    "resume_changed_flag": lambda c: ["train", "--resume", c.run_folder(False), "--learning_rate", "1e-3"],
+    "resume_finished": lambda c: ["train", "--resume", c.run_folder(True)],
+    "resume_no_checkpoint": lambda c: ["train", "--resume", c.run_folder(False)],
+    # data check
+    "check_missing": lambda c: ["data", "check", str(c.root / "nope.csv")],
+    "check_max_seq_len": lambda c: ["data", "check", str(c.csv), "--max_seq_len", "0"],
+    "check_max_seq_len_text": lambda c: ["data", "check", str(c.csv), "--max_seq_len", "long"],
+    # chat
+    "chat_nothing": lambda c: ["chat"],
+    "chat_empty_question": lambda c: ["chat", "--model", str(c.tiny), "-q", ""],
+    "chat_negative_tokens": lambda c: ["chat", "--model", str(c.tiny), "-q", "hi", "--max_new_tokens", "-5"],
+    "chat_zero_temperature": lambda c: ["chat", "--model", str(c.tiny), "-q", "hi", "--mode", "sample",
+                                        "--temperature", "0"],
+    "chat_top_p": lambda c: ["chat", "--model", str(c.tiny), "-q", "hi", "--top_p", "2"],
+    "chat_mode": lambda c: ["chat", "--model", str(c.tiny), "-q", "hi", "--mode", "beam"],
+    "chat_missing_folder": lambda c: ["chat", str(c.root / "nope"), "-q", "hi"],
+    "chat_not_a_run": lambda c: ["chat", str(c.empty_dir), "-q", "hi"],
+    "chat_empty_emergency_number": lambda c: ["chat", "--model", str(c.tiny), "-q", "hi", "--emergency_number", ""],
+    "chat_remote_code": lambda c: ["chat", "--model", c.remote_code(), "-q", "hi"],
+    # eval and merge
+    "eval_missing": lambda c: ["eval", str(c.root / "nope")],
+    "eval_not_a_run": lambda c: ["eval", str(c.model_dir)],
+    "eval_negative_samples": lambda c: ["eval", str(c.model_dir), "--samples", "-1"],
+    "eval_zero_safety_samples": lambda c: ["eval", str(c.model_dir), "--safety", "--safety_samples", "0"],
+    "eval_zero_tokens": lambda c: ["eval", str(c.model_dir), "--max_new_tokens", "0"],
+    "merge_missing": lambda c: ["merge", str(c.root / "nope")],
+    "merge_not_a_run": lambda c: ["merge", str(c.model_dir)],
+}
+
+
+def _remote_code(self) -> str:
+    """A model folder whose config says it needs its own Python code (auto_map)."""
+    folder = self.root / "remote"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text('{"model_type": "medlora_custom", "auto_map": {"AutoConfig": '
+                                        '"configuration_custom.CustomConfig", "AutoModelForCausalLM": '
+                                        '"modeling_custom.CustomLM"}}')
+    return str(folder)
+
+
+Ctx.remote_code = _remote_code
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path, tiny_model_dir, capsys, monkeypatch):
+    ctx = Ctx(tmp_path, tiny_model_dir)
+    argv = CASES[case](ctx)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    lines = message_lines(err)
+    assert code == 2, (argv, err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("medlora: error: "), err[-2000:]
+    assert "Traceback" not in err + out and len(lines[0]) < 600
+    assert snapshot(tmp_path) == before, "the file system changed"
+
+
+def test_there_are_at_least_40_cases():
+    assert len(CASES) >= 40
+
+
+# ---------------------------------------------------------------- damaged run folders and the REPL's stdin
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir, sample_csv):
+    out = tmp_path_factory.mktemp("hostile") / "run"
+    assert main(["train", "--data", str(sample_csv), "--model", str(tiny_model_dir), "--output_dir", str(out),
+                 "--max_steps", "2", "--gradient_accumulation_steps", "1", "--max_eval_samples", "2"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("command", [["chat", "-q", "hi"], ["eval", "--samples", "0"], ["merge"]])
+def test_truncated_adapter_is_one_line_in_every_command(command, tiny_run, tmp_path, capsys):
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = snapshot(run)
+    assert main([command[0], str(run), *command[1:]]) == 2
+    err = message_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "the adapter cannot be loaded" in err[0] and "may be damaged" in err[0]
+    assert snapshot(run) == before
+
+
+def test_repl_survives_bytes_that_are_not_utf8(tiny_run):
+    proc = subprocess.run([sys.executable, "-m", "medlora", "chat", str(tiny_run), "--max_new_tokens", "2"],
+                          input=b"\xff\xfe\xfa broken\nhello\n/exit\n", capture_output=True, timeout=300)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0 and "Traceback" not in err
+    assert "not UTF-8 text" in err and proc.stdout.count(b"assistant> ") == 1
+
+
+def test_resume_from_another_working_directory_and_with_the_absolute_path(tiny_run, tmp_path, monkeypatch, capsys):
+    """config.yaml stores the data file's absolute path: --resume works from anywhere, and giving that path
+    again (relative or absolute) is not a changed flag."""
+    import yaml as _yaml
+
+    saved = _yaml.safe_load((tiny_run / "config.yaml").read_text())["data"]
+    assert Path(saved).is_absolute()
+    monkeypatch.chdir(Path(saved).parent)
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    (run / "metrics.json").unlink()
+    shutil.rmtree(run / "adapter")
+    assert main(["train", "--resume", str(run), "--data", Path(saved).name]) == 0
+
+
+# ---------------------------------------------------------------- property-based fuzzing
+
+FIELDS = [f.name for f in fields(TrainConfig)]
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                   st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
+                   st.lists(st.text(max_size=5), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                              max_size=2))
+KEYS = st.one_of(st.sampled_from(FIELDS), st.text(max_size=12), st.integers(), st.booleans())
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def one_line_error_or_success(call):
+    try:
+        call()
+    except MedloraError as e:
+        assert "\n" not in str(e).strip() and str(e).strip(), repr(str(e))
+
+
+@FUZZ
+@given(mapping=st.dictionaries(KEYS, VALUES, max_size=6))
+def test_fuzz_yaml_configs(mapping, tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "c.yaml"
+    try:
+        path.write_text(yaml.safe_dump(mapping, allow_unicode=True))
+    except yaml.YAMLError:
+        return  # not representable as YAML: nothing a user could write
+    one_line_error_or_success(lambda: build_config(yaml_path=str(path)))
+
+
+@FUZZ
+@given(field=st.sampled_from([f for f in FIELDS if f not in ("target_modules",)]),
+       value=st.one_of(st.text(max_size=25), st.sampled_from(["inf", "-inf", "nan", "1e400", "-0", "1e-400",
+                                                             "99999999999999999999", "0x10", "1_000", " 3 ",
+                                                             "true", "None", ""])))
+def test_fuzz_flag_values(field, value):
+    def call():
+        args = parse_args(build_parser(), ["train", f"--{field}", value])
+        build_config(args)
+
+    one_line_error_or_success(call)
+
+
+HEADERS = st.lists(st.sampled_from(["qtype", "Question", "Answer", "question", "ANSWER", " qtype ", "extra", "",
+                                    "Question", "a,b", '"Answer"']), min_size=0, max_size=5)
+CELLS = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12)
+
+
+@FUZZ
+@given(header=HEADERS, rows=st.lists(st.lists(CELLS, max_size=5), max_size=5),
+       sep=st.sampled_from([",", ";", "\t"]), quote=st.booleans())
+def test_fuzz_csv_structure(header, rows, sep, quote, tmp_path_factory):
+    def fmt(cells):
+        return sep.join(f'"{c}"' if quote else c for c in cells)
+
+    path = tmp_path_factory.mktemp("csv") / "f.csv"
+    path.write_text("\n".join([fmt(header), *map(fmt, rows)]) + "\n", encoding="utf-8")
+    one_line_error_or_success(lambda: load_qa_csv(path))
+
+
+@FUZZ
+@given(raw=st.binary(max_size=300), prefix=st.sampled_from([b"", b"qtype,Question,Answer\n"]))
+def test_fuzz_csv_bytes(raw, prefix, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bytes") / "f.csv"
+    path.write_bytes(prefix + raw)
+    one_line_error_or_success(lambda: load_qa_csv(path))
+
+
+# ---------------------------------------------------------------- training that goes wrong, and two at once
+
+def test_a_loss_that_becomes_nan_stops_training_before_its_checkpoint(sample_csv, tiny_model_dir, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(sample_csv), "--model", str(tiny_model_dir), "--output_dir", str(out),
+                 "--max_steps", "30", "--gradient_accumulation_steps", "1", "--save_steps", "1",
+                 "--learning_rate", "1e30", "--warmup_ratio", "0", "--max_eval_samples", "2"])
+    lines = message_lines(capsys.readouterr().err)
+    assert code == 2 and lines[-1].startswith("medlora: error: training stopped at step ")
+    assert "(not a finite number)" in lines[-1] and "lower --learning_rate" in lines[-1]
+    bad = int(re.search(r"step (\d+)", lines[-1]).group(1))
+    assert 1 <= bad < 30 and not (out / "metrics.json").exists() and not (out / "adapter").exists()
+    from safetensors.torch import load_file
+    for ckpt in out.glob("checkpoint-*"):  # every checkpoint kept is a good one, and older than the bad step
+        assert int(ckpt.name.split("-")[1]) < bad
+        assert all(t.isfinite().all() for t in load_file(ckpt / "adapter_model.safetensors").values())
+    for path in out.rglob("*.json"):  # every JSON file stays valid JSON (no NaN literal)
+        json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
+
+
+def test_two_runs_started_together_into_one_folder_get_two_complete_folders(sample_csv, tiny_model_dir, tmp_path):
+    out = tmp_path / "runs" / "same"
+    cmd = [sys.executable, "-m", "medlora", "train", "--data", str(sample_csv), "--model", str(tiny_model_dir),
+           "--output_dir", str(out), "--max_steps", "2", "--gradient_accumulation_steps", "1",
+           "--max_eval_samples", "2"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-1500:] for r in results]
+    folders = {Path(r[0].strip().splitlines()[-1]) for r in results}
+    assert len(folders) == 2 and out in folders, folders  # one got the folder, the other a timestamped sibling
+    for folder in folders:
+        assert (folder / "metrics.json").is_file() and (folder / "adapter" / "adapter_model.safetensors").is_file()
+        assert not (folder / ".medlora-lock").exists()
