@@ -287,11 +287,12 @@ def test_eval_on_another_csv(evaluated, tmp_path):
     other.write_text("qtype,Question,Answer\n"
                      f'information,"{QUESTION_WITH_MARKUP}","Too much salt raises blood pressure."\n'
                      'symptoms,What are the symptoms of gout?,"Sudden, severe joint pain and swelling."\n')
-    assert main(["eval", str(run), "--data", str(other), "--samples", "2", "--max_new_tokens", "6"]) == 0
+    assert main(["eval", str(run), "--data", str(other), "--samples", "2", "--max_new_tokens", "6",
+                 "--no_forgetting"]) == 0
     out = run / "eval-clinic"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["loss_rows"] == 2 and list(metrics["rouge_l_f1"]) == ["data"]
-    assert metrics["data"] == str(other)
+    assert metrics["data"] == str(other) and metrics["forgetting"] is None
     page = (out / "report.html").read_text()
     assert "&lt;script&gt;blood pressure&lt;/script&gt;" in page and "<b>salt" not in page
     assert (run / "eval" / "metrics.json").is_file()  # the run's own report is left alone

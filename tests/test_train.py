@@ -100,9 +100,9 @@ def test_merge_command_rebuilds_merged_model(trained_run, tmp_path):
     assert main(["merge", str(tmp_path)]) == 2
 
 
-def test_second_run_into_same_folder_is_not_overwritten(trained_run, sample_csv, capsys):
+def test_second_run_into_same_folder_is_not_overwritten(trained_run, sample_csv, tiny_model_dir, capsys):
     before = (trained_run / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert main(["train", "--data", str(sample_csv), "--model", "smollm2-135m", "--output_dir", str(trained_run),
+    assert main(["train", "--data", str(sample_csv), "--model", str(tiny_model_dir), "--output_dir", str(trained_run),
                  "--max_steps", "1", "--gradient_accumulation_steps", "1", "--max_eval_samples", "2"]) == 0
     assert (trained_run / "adapter" / "adapter_model.safetensors").read_bytes() == before
     new_dir = capsys.readouterr().out.strip().splitlines()[-1]

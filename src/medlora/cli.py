@@ -242,6 +242,8 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--safety", action="store_true",
                    help="also answer bundled red-flag questions and report how often each model tells the person to "
                         "get emergency help, and how the emergency guard does")
+    p.add_argument("--no_forgetting", "--no-forgetting", action="store_true",
+                   help="skip the forgetting check (loss on general instructions, base vs fine-tuned)")
     p.add_argument("--safety_samples", "--safety-samples", type=int, default=40,
                    help="red-flag questions to answer with --safety (default: %(default)s, spread over categories)")
     safety_arguments(p)
@@ -255,7 +257,7 @@ def cmd_eval(args) -> int:
     out = evaluate_run(args.run_dir, data=args.data, samples=args.samples, max_new_tokens=args.max_new_tokens,
                        max_eval_samples=args.max_eval_samples, show=args.show, model=args.model,
                        safety_guard=not args.no_safety_guard, emergency_number=args.emergency_number,
-                       safety=args.safety, safety_samples=args.safety_samples)
+                       safety=args.safety, safety_samples=args.safety_samples, forgetting=not args.no_forgetting)
     print(out / REPORT_HTML)
     return 0
 

@@ -196,7 +196,7 @@ def forgetting_check(backend, cfg: TrainConfig) -> dict:
 def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20, max_new_tokens: int | None = None,
                  max_eval_samples: int | None = None, show: int = 5, model: str | None = None,
                  safety_guard: bool = True, emergency_number: str | None = None, safety: bool = False,
-                 safety_samples: int = 40) -> Path:
+                 safety_samples: int = 40, forgetting: bool = True) -> Path:
     """Evaluate RUN_DIR's adapter and its base model; write the report; return the report folder."""
     if samples < 0 or show < 0 or safety_samples < 1:
         raise MedloraError("--samples and --show must be >= 0, --safety_samples >= 1")
@@ -216,7 +216,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20
     loss = {m: float(np.mean(v)) for m, v in losses.items()}
     items = generate_answers(backend, rows.rouge, params) if samples else []
     rouge = rouge_summary(items)
-    forgetting = forgetting_check(backend, cfg)
+    forgetting = forgetting_check(backend, cfg) if forgetting else None
     safety_report = None
     if safety:
         safety_report = safety_check(backend, rows.questions, safety_samples,
