@@ -86,6 +86,7 @@ CASES = {
     "batch_not_a_number": lambda c: train(c, "--per_device_train_batch_size", "abc"),
     "dropout_one": lambda c: train(c, "--lora_dropout", "1"),
     "empty_system_prompt": lambda c: train(c, "--system_prompt", "  "),
+    "empty_output_dir": lambda c: train(c)[:-1] + [""],
     # argparse: invalid choices, prefixes, missing values, unknown commands
     "precision_choice": lambda c: train(c, "--precision", "fp16"),
     "scheduler_choice": lambda c: train(c, "--lr_scheduler_type", "constant"),

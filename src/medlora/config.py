@@ -252,6 +252,7 @@ def validate(cfg: TrainConfig) -> None:
         (bool(cfg.system_prompt.strip()), "system_prompt must not be empty"),
         (cfg.data is None or bool(cfg.data.strip()), "data must not be empty"),
         (bool(cfg.model.strip()), "model must not be empty"),
+        (bool(cfg.output_dir.strip()), "output_dir must not be empty"),
         (cfg.precision in CHOICES["precision"], f"precision must be one of {', '.join(CHOICES['precision'])}"),
         (cfg.gradient_checkpointing in CHOICES["gradient_checkpointing"],
          f"gradient_checkpointing must be one of {', '.join(CHOICES['gradient_checkpointing'])}"),

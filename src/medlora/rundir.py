@@ -112,8 +112,12 @@ def atomic_dir(final: Path, write: Callable[[Path], object]) -> Path:
 def unique_output_dir(path: str | Path) -> Path:
     """The path itself if absent or empty, else a timestamped sibling (never overwrite a run)."""
     path = Path(path)
+    if path.name in ("", ".", ".."):  # "." or "..": name the folder itself, so a sibling can be named after it
+        path = path.resolve()
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return path
+    if not path.name:
+        raise MedloraError(f"cannot start a run in {path}: it is not empty; give --output_dir a new folder name")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     candidate = path.with_name(f"{path.name}-{stamp}")
     n = 1
