@@ -52,7 +52,7 @@ def test_eval_answers_carry_the_notice_and_the_report_records_the_guard(tiny_run
         data = tmp_path / f"{name}.csv"
         data.write_text(other.read_text())
         assert main(["eval", str(tiny_run), "--data", str(data), "--samples", "2", "--max_new_tokens", "3",
-                     *flags]) == 0
+                     "--no_forgetting", *flags]) == 0
         metrics = json.loads((tiny_run / f"eval-{name}" / "metrics.json").read_text())
         by_question = {a["question"]: a for a in metrics["answers"]}
         urgent, calm = by_question[RED_FLAG], by_question[HARMLESS]

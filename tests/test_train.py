@@ -109,9 +109,11 @@ def test_second_run_into_same_folder_is_not_overwritten(trained_run, sample_csv,
     assert new_dir.startswith(str(trained_run) + "-") and (new_dir and __import__("os").path.isdir(new_dir))
 
 
-def test_medquad_smoke_run(medquad_csv, tmp_path):
+def test_medquad_smoke_run(medquad_csv, tiny_model_dir, tmp_path):
+    """The whole of MedQuAD through the pipeline (read, split, tokenise with SmolLM2's tokenizer, train, eval);
+    the tiny model, since what is tested here is the data path at full size, not learning."""
     out = tmp_path / "medquad"
-    assert main(["train", "--data", str(medquad_csv), "--model", "smollm2-135m", "--output_dir", str(out),
+    assert main(["train", "--data", str(medquad_csv), "--model", str(tiny_model_dir), "--output_dir", str(out),
                  "--max_steps", "5", "--gradient_accumulation_steps", "1", "--max_eval_samples", "4"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_steps"] == 5 and metrics["eval_rows"] == 4

@@ -18,7 +18,7 @@ from typing import Callable
 
 from .config import DEFAULT_MODEL, add_config_arguments, build_config
 from .errors import Interrupted, MedloraError
-from .rundir import MERGED
+from .rundir import EXPORT, MERGED, MODELFILE
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Deprecation chatter from transformers/peft internals is noise to our users, not something they can act on.
@@ -276,6 +276,28 @@ def cmd_merge(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- export
+
+def export_arguments(p: argparse.ArgumentParser) -> None:
+    from .export.gguf import DEFAULT_QUANT, QUANTS
+
+    p.add_argument("run_dir", help="run folder (its adapter is merged in memory), its merged model, or an HF model "
+                                   "folder (llama or qwen2)")
+    p.add_argument("--quant", choices=QUANTS, default=DEFAULT_QUANT,
+                   help="weight format: f16, q8_0 (default) or q4_0; norms and biases stay f32")
+    p.add_argument("--output", metavar="FILE",
+                   help=f"the .gguf to write (default: RUN_DIR/{EXPORT}/NAME-QUANT.gguf); a {MODELFILE} "
+                        "for Ollama is written beside it")
+    p.add_argument("--trust_remote_code", action="store_true")
+
+
+def cmd_export(args) -> int:
+    from .export.gguf import export
+
+    print(export(args.run_dir, quant=args.quant, output=args.output, trust_remote_code=args.trust_remote_code))
+    return 0
+
+
 # ---------------------------------------------------------------- the table
 
 @dataclass(frozen=True)
@@ -294,6 +316,8 @@ COMMANDS = (
     Command("eval", "compare a run with its base model: eval loss, ROUGE-L, answers side by side", eval_arguments,
             cmd_eval),
     Command("merge", f"write RUN_DIR/{MERGED}/ (base weights with the LoRA folded in)", merge_arguments, cmd_merge),
+    Command("export", f"write RUN_DIR/{EXPORT}/NAME-QUANT.gguf for llama.cpp and Ollama (and a {MODELFILE})",
+            export_arguments, cmd_export),
 )
 GROUPS = {"data": "inspect a dataset"}
 

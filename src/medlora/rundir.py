@@ -11,6 +11,7 @@
       merged_model/        optional: base weights with the adapter folded in (written atomically)
       metrics.json         written last: its presence means the run finished
       eval/, eval-NAME/    reports written by ``medlora eval``
+      export/              ``medlora export``: NAME-QUANT.gguf for llama.cpp and an Ollama Modelfile
 
 Every JSON file and folder is written under a temporary name and renamed into place, so a reader (or a
 resume after a crash) never sees a half-written artifact.
@@ -44,6 +45,8 @@ COMPLETE = "medlora_complete.json"
 LOCK = ".medlora-lock"  # pid of the process training in the folder; a dead process's lock is taken over
 EVAL = "eval"
 REPORT_MD, REPORT_HTML = "report.md", "report.html"  # in eval/, beside its own metrics.json
+EXPORT = "export"
+MODELFILE = "Modelfile"  # Ollama's, in export/ beside the .gguf
 
 
 # ---------------------------------------------------------------- writing without half-written files
@@ -219,6 +222,7 @@ class RunDir:
     adapter_dir = property(lambda self: self.path / ADAPTER)
     merged_dir = property(lambda self: self.path / MERGED)
     loss_curve = property(lambda self: self.path / LOSS_CURVE)
+    export_dir = property(lambda self: self.path / EXPORT)
 
     def has_adapter(self) -> bool:
         return (self.adapter_dir / "adapter_config.json").is_file()

@@ -1,0 +1,313 @@
+"""`medlora export`: a run (adapter merged in memory), a merged folder or an HF model folder as one GGUF file for
+llama.cpp and Ollama, with an Ollama Modelfile beside it.
+
+Written on the ``gguf`` package (GGUFWriter, its tensor-name map and quantizers) for the two architectures
+medlora fine-tunes: ``llama`` (SmolLM2) and ``qwen2`` (Qwen2.5: tied embeddings, q/k/v biases). What llama.cpp
+expects and this module therefore does:
+
+* Llama's q/k projection rows are reordered (``_permute_qk``): HF checkpoints rotate the two halves of each head
+  (rotate_half), llama.cpp's LLAMA rope rotates adjacent pairs. Qwen2 uses llama.cpp's NEOX rope: no reordering.
+* 1-D tensors (norms, biases) stay f32; 2-D weights are f16, q8_0 or q4_0 (q4_0 keeps the token embedding, also
+  the output layer when tied, in q8_0, as llama.cpp's quantizer keeps the output layer at higher precision).
+* The byte-level BPE tokenizer is written as tokenizer.ggml.model "gpt2" with the pre-tokenizer llama.cpp must
+  use to split text the way the HF tokenizer does (``_pre_tokenizer``), plus the chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import MedloraError, log
+from ..prompts import DEFAULT_SYSTEM_PROMPT
+from ..rundir import EXPORT, MODELFILE, RunDir
+
+QUANTS = ("f16", "q8_0", "q4_0")
+DEFAULT_QUANT = "q8_0"
+ARCHITECTURES = ("llama", "qwen2")  # HF config.model_type values this converter writes
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise MedloraError("medlora export needs the gguf package: pip install gguf") from None
+    return gguf
+
+
+# ---------------------------------------------------------------- hyperparameters
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise MedloraError(f"rope scaling {kind!r} is not supported by medlora export (only plain rope)")
+    theta = getattr(config, "rope_theta", None) or params.get("rope_theta")
+    return float(theta if theta is not None else 10000.0)
+
+
+def _head_dim(config) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def _write_hparams(writer, config, name: str, file_type) -> None:
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    writer.add_name(name)
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(int(n_head))
+    writer.add_head_count_kv(int(n_kv))
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(config.vocab_size))
+    head_dim = _head_dim(config)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_file_type(file_type)
+
+
+# ---------------------------------------------------------------- tensors
+
+def _permute_qk(w, n_head: int):
+    """HF Llama q/k rows (per head: first half, second half of the rotary pairs) in llama.cpp's order
+    (per head: pairs interleaved). Works on weights (rows x cols) and biases (rows)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensors(model, arch: str) -> list:
+    """(HF name, fp32 array) in GGUF order: the tied lm_head left out, Llama's q/k reordered."""
+    import numpy as np
+
+    config = model.config
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    out = []
+    for name, t in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        a = t.detach().to("cpu").float().numpy()
+        if arch == "llama" and name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+            a = _permute_qk(a, n_head)
+        elif arch == "llama" and name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+            a = _permute_qk(a, n_kv)
+        out.append((name, np.ascontiguousarray(a)))
+    return out
+
+
+def _encode_tensor(gguf, gguf_name: str, a, quant: str):
+    """(data, raw_dtype) for GGUFWriter.add_tensor."""
+    import numpy as np
+
+    Q = gguf.GGMLQuantizationType
+    if a.ndim < 2:
+        return a.astype(np.float32), None
+    qtype = {"f16": None, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[quant]
+    if quant == "q4_0" and gguf_name in ("token_embd.weight", "output.weight"):
+        qtype = Q.Q8_0
+    if qtype is not None:
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        if a.shape[-1] % block == 0:
+            return gguf.quants.quantize(a, qtype), qtype
+    return a.astype(np.float16), None  # rows not a multiple of the block size: f16, as llama.cpp does
+
+
+# ---------------------------------------------------------------- tokenizer
+
+# The split patterns of the tokenizers llama.cpp knows by name; the pre-tokenizer tells llama.cpp which to use.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _pre_tokenizer(tok_json: dict) -> str:
+    """llama.cpp's name for the way this byte-level BPE tokenizer splits text before BPE. Anything else is
+    refused: a wrong name makes llama.cpp tokenize differently from the model's training, silently."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"  # the GPT-2 split (SmolLM2 as transformers rebuilds it from the bundled GGUF)
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "smollm"  # GPT-2 split with single digits: SmolLM/SmolLM2 as published
+    if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True) \
+            and (parts[0].get("pattern") or {}).get("Regex") == _QWEN2_SPLIT:
+        return "qwen2"
+    raise MedloraError(f"unsupported tokenizer pre-tokenizer ({'+'.join(map(str, kinds)) or 'none'}); medlora "
+                       "export knows the SmolLM2 and Qwen2.5 tokenizers")
+
+
+def _write_tokenizer(gguf, writer, tokenizer, vocab_size: int) -> None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise MedloraError("medlora export needs a fast (tokenizer.json) tokenizer")
+    tok_json = json.loads(backend.to_str())
+    model = tok_json.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise MedloraError(f"unsupported tokenizer ({model.get('type')}); medlora export writes byte-level BPE "
+                           "tokenizers (SmolLM2, Qwen2.5)")
+    pre = _pre_tokenizer(tok_json)
+    vocab = tokenizer.get_vocab()
+    if len(vocab) > vocab_size:
+        raise MedloraError(f"the tokenizer has {len(vocab)} tokens but the model only {vocab_size} embeddings")
+    by_id = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    T = gguf.TokenType
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(T.UNUSED)
+        elif i in added:
+            tokens.append(added[i].content)
+            types.append(T.CONTROL if added[i].special else T.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(T.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id,
+           "pad": tokenizer.pad_token_id}
+    for kind, i in ids.items():
+        if i is not None:
+            getattr(writer, {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "unk": "add_unk_token_id",
+                             "pad": "add_pad_token_id"}[kind])(int(i))
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    writer.add_add_bos_token(ids["bos"] is not None and probe[:1] == [ids["bos"]])
+    writer.add_add_eos_token(ids["eos"] is not None and len(probe) > 1 and probe[-1] == ids["eos"])
+    template = tokenizer.chat_template
+    if not isinstance(template, str):
+        raise MedloraError("medlora export needs the tokenizer's chat template (one template string)")
+    writer.add_chat_template(template)
+
+
+# ---------------------------------------------------------------- the file
+
+def write_gguf(model, tokenizer, out: Path, quant: str = DEFAULT_QUANT, name: str | None = None,
+               progress: bool = True) -> Path:
+    """Write ``model`` (fp32, HF, llama or qwen2) and ``tokenizer`` to ``out`` (tmp file, then renamed)."""
+    gguf = _gguf()
+    if quant not in QUANTS:
+        raise MedloraError(f"unknown quantization {quant!r}; choose {', '.join(QUANTS)}")
+    config = model.config
+    arch = getattr(config, "model_type", None)
+    if arch not in ARCHITECTURES:
+        raise MedloraError(f"medlora export supports {' and '.join(ARCHITECTURES)} models, not {arch!r}")
+    if getattr(config, "use_sliding_window", False):
+        raise MedloraError("sliding-window attention is not supported by medlora export")
+    model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
+    names = gguf.get_tensor_name_map(model_arch, int(config.num_hidden_layers))
+    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[model_arch])
+    try:
+        _write_hparams(writer, config, name or out.stem, file_type)
+        _write_tokenizer(gguf, writer, tokenizer, int(config.vocab_size))
+        from tqdm.auto import tqdm
+
+        hf_tensors = _tensors(model, arch)
+        for hf_name, a in tqdm(hf_tensors, desc=f"converting to {quant}", unit="tensor", disable=not progress):
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise MedloraError(f"cannot map tensor {hf_name} to a GGUF name")
+            data, raw_dtype = _encode_tensor(gguf, gguf_name, a, quant)
+            writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------- Ollama
+
+_CHATML_TEMPLATE = ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+                    '{{ end }}<|im_start|>assistant\n')
+
+
+def modelfile_text(gguf_file: str, chat_template: str, system_prompt: str, vocab: dict) -> str:
+    """An Ollama Modelfile: the GGUF, the chat format as a Go template (ChatML), the run's system prompt, the
+    stop tokens and medlora's sampling preset."""
+    from ..inference.backend import PRESETS
+
+    if '"""' in system_prompt:
+        raise MedloraError(f'the system prompt contains """, which an Ollama {MODELFILE} cannot quote')
+    lines = [f"FROM ./{gguf_file}"]
+    if "<|im_start|>" in chat_template and "<|im_end|>" in vocab:
+        lines.append(f'TEMPLATE """{_CHATML_TEMPLATE}"""')
+    else:
+        log(f"the chat template is not ChatML; the {MODELFILE} leaves the template to Ollama (it reads the GGUF's)")
+    lines.append(f'SYSTEM """{system_prompt}"""')
+    for stop in ("<|im_end|>", "<|endoftext|>"):
+        if stop in vocab:
+            lines.append(f'PARAMETER stop "{stop}"')
+    sample = PRESETS["sample"]
+    lines += [f"PARAMETER temperature {sample.temperature}", f"PARAMETER top_p {sample.top_p}",
+              f"PARAMETER repeat_penalty {sample.repetition_penalty}",
+              f"PARAMETER num_predict {sample.max_new_tokens}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_modelfile(gguf_path: Path, tokenizer, system_prompt: str) -> Path:
+    path = gguf_path.with_name(MODELFILE)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(modelfile_text(gguf_path.name, tokenizer.chat_template or "", system_prompt,
+                                  tokenizer.get_vocab()), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------- what to export
+
+def export(target: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | None = None,
+           trust_remote_code: bool = False, progress: bool = True) -> Path:
+    """Export a run folder (its adapter merged in memory), its merged_model/ or any HF model folder. Default
+    output: RUN/export/RUN-QUANT.gguf (for a plain model folder, FOLDER/export/FOLDER-QUANT.gguf)."""
+    from ..model import load_model, load_run_model, load_tokenizer
+
+    if quant not in QUANTS:
+        raise MedloraError(f"unknown quantization {quant!r}; choose {', '.join(QUANTS)}")
+    path = Path(target)
+    if not path.is_dir():
+        raise MedloraError(f"{path}: no such folder")
+    run = RunDir(path)
+    if run.is_finished_run():
+        peft_model, tokenizer, _ = load_run_model(run, trust_remote_code=trust_remote_code)
+        model = peft_model.merge_and_unload()
+        home, prompt = run, run.system_prompt() or DEFAULT_SYSTEM_PROMPT
+    elif (path / "config.json").is_file():
+        model, tokenizer = load_model(str(path), trust_remote_code), load_tokenizer(str(path), trust_remote_code)
+        home, prompt = RunDir(path), DEFAULT_SYSTEM_PROMPT
+        if RunDir.is_merged_model(path):
+            home = RunDir(path.parent)
+            prompt = home.system_prompt() or prompt
+    else:
+        raise run.not_a_run(" nor a model folder (no config.json)")
+    name = home.path.resolve().name
+    out = Path(output) if output else home.path / EXPORT / f"{name}-{quant}.gguf"
+    if out.is_dir():
+        raise MedloraError(f"--output {out} is a folder; give a file name (NAME.gguf)")
+    write_gguf(model, tokenizer, out, quant, name=name, progress=progress)
+    write_modelfile(out, tokenizer, prompt)
+    return out

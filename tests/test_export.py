@@ -1,0 +1,353 @@
+"""`medlora export` (GGUF for llama.cpp/Ollama) and the llama.cpp backend: what the GGUF holds, and that llama.cpp
+answers with the same tokens as transformers in fp32 (tiny random Llama and Qwen2; the bundled SmolLM2)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import yaml
+
+gguf = pytest.importorskip("gguf")
+
+from medlora.cli import main  # noqa: E402
+from medlora.errors import MedloraError  # noqa: E402
+from medlora.export.gguf import export, write_gguf  # noqa: E402
+from medlora.inference.backend import preset  # noqa: E402
+
+QUESTION = [{"role": "user", "content": "What are the symptoms of anemia?"}]
+N_TOKENS = 16
+
+
+# ---------------------------------------------------------------- tiny models
+
+def _tiny(kind: str, tiny_model_dir, std: float):
+    """The tiny Llama of conftest (its config; weights redrawn with ``std``) or a Qwen2 of the same size with tied
+    embeddings and (random, so they matter) q/k/v biases; SmolLM2's tokenizer for both. A larger std than the
+    usual 0.02 makes greedy decoding pick varied tokens rather than one token over and over."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = LlamaConfig.from_pretrained(tiny_model_dir)
+        config.initializer_range = std
+        model = LlamaForCausalLM(config)
+    else:
+        config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                             tie_word_embeddings=True, initializer_range=std, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        model = Qwen2ForCausalLM(config)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny_export(request, tiny_model_dir, tmp_path_factory):
+    model, tok = _tiny(request.param, tiny_model_dir, std=0.3)
+    out = write_gguf(model, tok, tmp_path_factory.mktemp("gguf") / f"tiny-{request.param}-f16.gguf", "f16",
+                     progress=False)
+    return request.param, model, tok, out
+
+
+@functools.lru_cache(maxsize=None)
+def _read(path) -> tuple[dict, dict, dict]:
+    """Metadata, {name: (shape, type)} and {name: data} of a GGUF file (GGUFReader takes ~5 s on a 49k-token
+    vocabulary: each file is read once)."""
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    tensors = {t.name: (tuple(int(n) for n in t.shape), t.tensor_type.name) for t in reader.tensors}
+    return meta, tensors, {t.name: t.data for t in reader.tensors}
+
+
+def _hf_greedy(model, tok, n=N_TOKENS) -> tuple[list[int], list[int]]:
+    enc = tok.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        ids = model.generate(**enc, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=tok.pad_token_id)
+    prompt = enc["input_ids"][0].tolist()
+    return prompt, ids[0, len(prompt):].tolist()
+
+
+def _cpp_greedy(backend, prompt: list[int], n=N_TOKENS) -> list[int]:
+    """llama.cpp's greedy continuation of these prompt tokens, as token ids (its /completion route)."""
+    reply = backend._post("/completion", {"prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1,
+                                          "ignore_eos": True, "return_tokens": True})
+    return reply["tokens"]
+
+
+# ---------------------------------------------------------------- (a) what the file holds
+
+def test_gguf_holds_the_architecture_tensors_and_tokenizer(tiny_export):
+    arch, model, tok, path = tiny_export
+    meta, tensors, _ = _read(path)
+    c = model.config
+    assert meta["general.architecture"] == arch
+    expect = {"context_length": 2048, "embedding_length": 64, "block_count": 2, "feed_forward_length": 128,
+              "attention.head_count": 4, "attention.head_count_kv": 2, "vocab_size": len(tok),
+              "rope.dimension_count": 16}
+    assert {k: meta[f"{arch}.{k}"] for k in expect} == expect
+    assert meta[f"{arch}.rope.freq_base"] == pytest.approx(c.rope_parameters["rope_theta"])
+    assert meta[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(c.rms_norm_eps)
+    assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                 "ffn_down"]
+    names = {"token_embd.weight", "output_norm.weight"} | {f"blk.{i}.{p}.weight" for i in range(2) for p in per_layer}
+    if arch == "qwen2":
+        names |= {f"blk.{i}.attn_{p}.bias" for i in range(2) for p in "qkv"}
+    assert set(tensors) == names  # tied embeddings: no output.weight
+    assert tensors["token_embd.weight"] == ((64, len(tok)), "F16")  # GGUF lists dimensions innermost first
+    assert tensors["blk.0.attn_k.weight"] == ((64, 32), "F16")
+    assert tensors["blk.1.ffn_down.weight"] == ((128, 64), "F16")
+    assert tensors["output_norm.weight"] == ((64,), "F32")
+    if arch == "qwen2":
+        assert tensors["blk.0.attn_q.bias"] == ((64,), "F32")
+
+    assert meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.ggml.pre"] == "gpt-2"  # SmolLM2's tokenizer as transformers rebuilds it: GPT-2 split
+    vocab = tok.get_vocab()
+    assert len(meta["tokenizer.ggml.tokens"]) == len(vocab)
+    assert meta["tokenizer.ggml.tokens"][:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert all(meta["tokenizer.ggml.tokens"][i] == t for t, i in list(vocab.items())[:2000])
+    assert meta["tokenizer.ggml.token_type"][:3] == [gguf.TokenType.CONTROL] * 3
+    assert meta["tokenizer.ggml.token_type"][1000] == gguf.TokenType.NORMAL
+    assert len(meta["tokenizer.ggml.merges"]) > 40000
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (tok.bos_token_id,
+                                                                                        tok.eos_token_id)
+    assert meta["tokenizer.ggml.add_bos_token"] is False
+    assert meta["tokenizer.chat_template"] == tok.chat_template
+
+
+def test_tensor_values_llama_permutes_q_and_k(tiny_export):
+    arch, model, _, path = tiny_export
+    data = _read(path)[2]
+    sd = model.state_dict()
+    assert data["blk.0.attn_v.weight"] == pytest.approx(sd["model.layers.0.self_attn.v_proj.weight"].half().numpy())
+    q_hf, q = sd["model.layers.0.self_attn.q_proj.weight"].half().numpy(), data["blk.0.attn_q.weight"]
+    if arch == "qwen2":
+        assert q == pytest.approx(q_hf)
+        assert data["blk.1.attn_k.bias"] == pytest.approx(sd["model.layers.1.self_attn.k_proj.bias"].numpy())
+    else:  # per head, the rotary halves interleaved: row 2j from the first half, row 2j+1 from the second
+        head = 16
+        assert q[0] == pytest.approx(q_hf[0]) and q[1] == pytest.approx(q_hf[head // 2])
+        assert q[2] == pytest.approx(q_hf[1]) and q[head + 1] == pytest.approx(q_hf[head + head // 2])
+
+
+def test_q4_0_keeps_embeddings_in_q8_0_and_norms_in_f32(tiny_model_dir, tmp_path):
+    """Types chosen per tensor (q8_0 is checked on SmolLM2 below: it loads in llama.cpp and answers like
+    transformers); the q4_0 file loads and runs in llama.cpp."""
+    import numpy as np
+
+    from medlora.export.gguf import _encode_tensor
+    from medlora.inference.llamacpp import load_llamacpp_backend
+
+    Q = gguf.GGMLQuantizationType
+    weight, norm = np.ones((8, 64), np.float32), np.ones(64, np.float32)
+    assert _encode_tensor(gguf, "blk.0.ffn_up.weight", weight, "q4_0")[1] == Q.Q4_0
+    assert _encode_tensor(gguf, "token_embd.weight", weight, "q4_0")[1] == Q.Q8_0
+    assert _encode_tensor(gguf, "blk.0.ffn_up.weight", weight, "q8_0")[1] == Q.Q8_0
+    assert _encode_tensor(gguf, "blk.0.attn_norm.weight", norm, "q4_0")[0].dtype == np.float32
+    assert _encode_tensor(gguf, "blk.0.ffn_up.weight", weight, "f16")[0].dtype == np.float16
+    odd = _encode_tensor(gguf, "blk.0.ffn_up.weight", np.ones((8, 40), np.float32), "q4_0")  # 40: not whole blocks
+    assert odd[1] is None and odd[0].dtype == np.float16
+
+    model, tok = _tiny("llama", tiny_model_dir, std=0.02)
+    path = write_gguf(model, tok, tmp_path / "m.gguf", "q4_0", progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no .tmp left behind
+    stream = load_llamacpp_backend(path, threads=1).stream(QUESTION, preset("greedy", max_new_tokens=2))
+    stream.text()
+    assert stream.completion_tokens >= 1
+
+
+def test_unsupported_architecture_is_one_line(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100))
+    with pytest.raises(MedloraError, match="supports llama and qwen2 models, not 'gpt2'"):
+        write_gguf(model, AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path / "x.gguf", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- (b) llama.cpp answers as transformers does
+
+@pytest.fixture(scope="module")
+def tiny_backend(tiny_export):
+    from medlora.inference.llamacpp import load_llamacpp_backend
+
+    return load_llamacpp_backend(tiny_export[3], "Be brief.", threads=1)
+
+
+def test_llamacpp_greedy_tokens_equal_transformers_fp32(tiny_export, tiny_backend):
+    _, model, tok, _ = tiny_export
+    prompt, hf = _hf_greedy(model, tok)
+    assert len(set(hf)) > 4, "the tiny model should not just repeat one token"
+    assert _cpp_greedy(tiny_backend, prompt) == hf
+
+
+def test_llamacpp_prompt_and_tokens_equal_transformers(tiny_export, tiny_backend):
+    tok = tiny_export[2]
+    messages = [{"role": "system", "content": "Be brief."}, *QUESTION, {"role": "assistant", "content": "Fatigue."},
+                {"role": "user", "content": "And 12345 other signs? Ça va, 日本語\n\n  x\ty"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tiny_backend.format_prompt(messages) == text
+    assert tiny_backend.tokenize(text) == tok(text, add_special_tokens=False)["input_ids"]
+    assert tiny_backend.count_tokens(messages) == len(tok.apply_chat_template(messages, add_generation_prompt=True,
+                                                                              return_dict=True)["input_ids"])
+
+
+def test_llamacpp_stream_interface(tiny_export, tiny_backend):
+    tok = tiny_export[2]
+    stream = tiny_backend.stream(QUESTION, preset("greedy", max_new_tokens=8))
+    pieces = list(stream)
+    assert pieces and stream.finish_reason in ("length", "stop")
+    assert stream.prompt_tokens == tiny_backend.count_tokens(QUESTION) == len(
+        tok.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=True)["input_ids"])
+    assert 1 <= stream.completion_tokens <= 8
+    assert stream.finish_reason == "length" or stream.completion_tokens < 8
+    # sampling is reproducible with a seed; closing a stream early stops generation
+    sample = preset("sample", max_new_tokens=8, seed=7)
+    assert tiny_backend.stream(QUESTION, sample).text() == tiny_backend.stream(QUESTION, sample).text()
+    early = tiny_backend.stream(QUESTION, preset("greedy", max_new_tokens=200))
+    next(early)
+    early.close()  # returns at once; the server is free for the next answer
+    after = tiny_backend.stream(QUESTION, preset("greedy", max_new_tokens=3))
+    after.text()
+    assert 1 <= after.completion_tokens <= 3 and after.finish_reason
+
+
+def test_generation_params_map_to_llamacpp_settings():
+    from medlora.inference.llamacpp import request_body
+
+    greedy = request_body(QUESTION, preset("greedy", max_new_tokens=20), n_ctx=4096)
+    assert {k: greedy[k] for k in ("temperature", "top_k", "n_predict", "repeat_penalty", "stream")} == {
+        "temperature": 0.0, "top_k": 1, "n_predict": 20, "repeat_penalty": 1.0, "stream": True}
+    assert "seed" not in greedy
+    sample = request_body(QUESTION, preset("sample", seed=5), n_ctx=4096)
+    assert {k: sample[k] for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
+                                   "n_predict", "seed")} == {
+        "temperature": 0.7, "top_p": 0.9, "top_k": 50, "min_p": 0.0, "repeat_penalty": 1.05, "repeat_last_n": 4096,
+        "n_predict": 256, "seed": 5}
+
+
+def test_llamacpp_load_errors_are_one_line(tmp_path):
+    from medlora.inference.llamacpp import load_llamacpp_backend
+
+    with pytest.raises(MedloraError, match="no such GGUF file"):
+        load_llamacpp_backend(tmp_path / "missing.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(MedloraError, match="llama.cpp cannot load") as e:
+        load_llamacpp_backend(bad, threads=1)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- (c) the bundled SmolLM2
+
+@pytest.mark.slow
+def test_smollm2_gguf_in_llamacpp_answers_like_transformers(smol_dir, tmp_path):
+    from medlora.inference.llamacpp import load_llamacpp_backend
+    from medlora.model import load_model, load_tokenizer
+
+    tok, model = load_tokenizer(str(smol_dir)), load_model(str(smol_dir))
+    prompt, hf = _hf_greedy(model, tok)
+    text = tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    for quant, agree in (("f16", N_TOKENS), ("q8_0", 8)):  # q8_0 measured: the first 10 tokens agree
+        path = export(smol_dir, quant, output=tmp_path / f"smol-{quant}.gguf", progress=False)
+        backend = load_llamacpp_backend(path, threads=1)
+        assert backend.format_prompt(QUESTION) == text
+        assert backend.tokenize(text) == prompt
+        assert _cpp_greedy(backend, prompt)[:agree] == hf[:agree], quant
+    answer = backend.stream(QUESTION, preset("greedy", max_new_tokens=N_TOKENS)).text()
+    assert answer.startswith("Anemia is a condition")
+
+
+# ---------------------------------------------------------------- (d) the command
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    """A finished run folder by hand: the tiny Llama as base, a LoRA adapter with non-zero weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path_factory.mktemp("runs") / "tinyrun"
+    run.mkdir()
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(run / "adapter")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(run / "adapter")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": str(tiny_model_dir), "system_prompt": "Test prompt."}))
+    return run
+
+
+def test_cli_exports_a_run_with_its_adapter_merged(tiny_run, tiny_model_dir, capsys):
+    from safetensors.torch import load_file
+
+    assert main(["export", str(tiny_run), "--quant", "f16"]) == 0
+    out = tiny_run / "export" / "tinyrun-f16.gguf"
+    assert capsys.readouterr().out.strip() == str(out)
+    data = _read(out)[2]
+    base_v = load_file(tiny_model_dir / "model.safetensors")["model.layers.0.self_attn.v_proj.weight"]
+    assert not data["blk.0.attn_v.weight"] == pytest.approx(base_v.half().numpy(), abs=1e-3)  # the LoRA is in
+    modelfile = (tiny_run / "export" / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./tinyrun-f16.gguf\n")
+    for line in ('SYSTEM """Test prompt."""', 'PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|endoftext|>"',
+                 "PARAMETER temperature 0.7", "PARAMETER top_p 0.9", "PARAMETER repeat_penalty 1.05",
+                 "PARAMETER num_predict 256", "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>"):
+        assert line in modelfile
+    assert sorted(p.name for p in (tiny_run / "export").iterdir()) == ["Modelfile", "tinyrun-f16.gguf"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "{missing}"], "{missing}: no such folder"),
+    (["export", "{run}", "--quant", "q5_k"],
+     "argument --quant: invalid choice: 'q5_k' (choose from 'f16', 'q8_0', 'q4_0')"),
+    (["export", "{empty}"], "{empty}: not a medlora run folder (no adapter/ with config.yaml) nor a model folder "
+                            "(no config.json)"),
+])
+def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys, args, message):
+    paths = {"missing": tmp_path / "nope", "run": tiny_run, "empty": tmp_path}
+    assert main([a.format(**paths) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.strip() == "medlora: error: " + message.format(**paths)
+
+
+def test_qwen2_pre_tokenizer_splits_text_as_transformers_does(tiny_model_dir, tmp_path):
+    """Qwen2.5's split (its regex, rebuilt here on SmolLM2's vocabulary: no Qwen tokenizer offline) is written as
+    pre-tokenizer "qwen2", and llama.cpp then tokenizes as transformers does."""
+    import json
+
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    from medlora.export.gguf import _pre_tokenizer
+    from medlora.inference.llamacpp import load_llamacpp_backend
+
+    model, smol = _tiny("qwen2", tiny_model_dir, std=0.02)
+    bpe = json.loads(smol.backend_tokenizer.to_str())["model"]
+    tok = Qwen2Tokenizer(vocab=bpe["vocab"], merges=[tuple(m) for m in bpe["merges"]], unk_token=None,
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.chat_template = smol.chat_template
+    assert _pre_tokenizer(json.loads(tok.backend_tokenizer.to_str())) == "qwen2"
+    path = write_gguf(model, tok, tmp_path / "q.gguf", "f16", progress=False)
+    backend = load_llamacpp_backend(path, threads=1)
+    for text in ["I'LL say it's 12345 km\r\n\r\n  twice!!  ", "Ça va? 日本語 naïve\ttab  x", "a\n\n\nb   c"]:
+        assert backend.tokenize(text) == tok(text)["input_ids"], text
+    assert backend.tokenize("<|im_start|>user") == tok("<|im_start|>user")["input_ids"]
+
+
+def test_pre_tokenizer_names():
+    from medlora.export.gguf import _pre_tokenizer
+
+    byte_level = {"type": "ByteLevel", "use_regex": True}
+    assert _pre_tokenizer({"pre_tokenizer": byte_level}) == "gpt-2"
+    digits = {"type": "Digits", "individual_digits": True}
+    assert _pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [digits, byte_level]}}) == "smollm"
+    with pytest.raises(MedloraError, match="unsupported tokenizer pre-tokenizer \\(Metaspace\\)"):
+        _pre_tokenizer({"pre_tokenizer": {"type": "Metaspace"}})
