@@ -50,6 +50,17 @@ def tiny_model_dir(tmp_path_factory, smol_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir, sample_csv) -> Path:
+    """A finished 2-step run of the tiny model (plumbing tests: guard paths, damaged folders, resume paths)."""
+    from medlora.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    assert main(["train", "--data", str(sample_csv), "--model", str(tiny_model_dir), "--output_dir", str(out),
+                 "--max_steps", "2", "--gradient_accumulation_steps", "1", "--max_eval_samples", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def sample_csv() -> Path:
     assert SAMPLE_CSV.is_file(), "the bundled sample CSV is part of the repository"
     return SAMPLE_CSV

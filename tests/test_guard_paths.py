@@ -36,14 +36,6 @@ def test_no_notice_on_harmless_questions_or_with_the_guard_off(tiny_model_dir, c
     assert "EMERGENCY NOTICE" not in captured.out and "safety guard off" in captured.err
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir, sample_csv):
-    out = tmp_path_factory.mktemp("guard") / "run"
-    assert main(["train", "--data", str(sample_csv), "--model", str(tiny_model_dir), "--output_dir", str(out),
-                 "--max_steps", "1", "--gradient_accumulation_steps", "1", "--max_eval_samples", "2"]) == 0
-    return out
-
-
 def test_eval_answers_carry_the_notice_and_the_report_records_the_guard(tiny_run, tmp_path):
     other = tmp_path / "urgent.csv"
     other.write_text(f'qtype,Question,Answer\nemergency,"{RED_FLAG}",Call the emergency number now.\n'

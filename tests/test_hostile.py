@@ -186,14 +186,6 @@ def test_there_are_at_least_40_cases():
 
 # ---------------------------------------------------------------- damaged run folders and the REPL's stdin
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir, sample_csv):
-    out = tmp_path_factory.mktemp("hostile") / "run"
-    assert main(["train", "--data", str(sample_csv), "--model", str(tiny_model_dir), "--output_dir", str(out),
-                 "--max_steps", "2", "--gradient_accumulation_steps", "1", "--max_eval_samples", "2"]) == 0
-    return out
-
-
 @pytest.mark.parametrize("command", [["chat", "-q", "hi"], ["eval", "--samples", "0"], ["merge"]])
 def test_truncated_adapter_is_one_line_in_every_command(command, tiny_run, tmp_path, capsys):
     run = Path(shutil.copytree(tiny_run, tmp_path / "run"))

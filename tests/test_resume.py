@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from medlora.cli import main
 from medlora.rundir import RunDir
 
-STEPS = 40
+STEPS = 20
 TRAIN = ["--max_steps", str(STEPS), "--gradient_accumulation_steps", "2", "--save_steps", "2", "--max_eval_samples", "2",
          "--learning_rate", "1e-3"]
 
