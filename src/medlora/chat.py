@@ -25,7 +25,7 @@ def print_stream(backend: Backend, messages: list[dict], params: GenerationParam
 
 
 def answer(backend: Backend, question: str, params: GenerationParams, system_prompt: str | None = None) -> str:
-    """One answer, not printed (eval uses this)."""
+    """One answer, not printed."""
     return backend.stream(chat_messages(system_prompt or backend.system_prompt, question), params).text()
 
 

@@ -1,6 +1,6 @@
 """The emergency guard in front of any backend: when the user's latest message shows red flags
 (``medlora.safety``), the answer starts with the fixed emergency notice, then the model's words.
-chat, eval and the server wrap their backend in this, so no answer path can skip it."""
+chat and eval wrap their backend in this (and so must any new answer path, such as a server)."""
 
 from __future__ import annotations
 

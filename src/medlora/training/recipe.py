@@ -187,11 +187,12 @@ def run_info(job: Job, source: str, data: PreparedData, targets: list[str], mode
     return info
 
 
-def open_run(job: Job, info: dict, trainable: int, total: int) -> None:
+def open_run(job: Job, info: dict) -> None:
     """Check the disk has room, then create the run folder (only now: bad input never leaves one behind)."""
     cfg, run = job.cfg, job.run
     # a checkpoint holds the adapter and two Adam moments (fp32); keep save_total_limit + 1 while rotating
-    need = trainable * 4 * 3 * (cfg.save_total_limit + 2) + (total * 4 if cfg.merge_model else 0)
+    need = (info["trainable_parameters"] * 4 * 3 * (cfg.save_total_limit + 2)
+            + (info["total_parameters"] * 4 if cfg.merge_model else 0))
     check_output_location(run.path, need)
     if job.resume_from is None and run.path != Path(cfg.output_dir):
         log(f"{cfg.output_dir} exists and is not empty (or another run is starting there); writing to {run} instead")
@@ -316,13 +317,12 @@ def _run(job: Job) -> Path:
     torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
     set_seed(cfg.seed)  # python, numpy, torch
     model, targets, plan = build_model(cfg, source)
-    trainable, total = model.get_nb_trainable_parameters()
     info = run_info(job, source, data, targets, model, plan)
 
     trainer, dropped = build_trainer(cfg, model, tokenizer, data.train.features(), data.evals.features(),
                                      job.run.path, plan)
     info["training_arguments_dropped"] = dropped
-    open_run(job, info, trainable, total)
+    open_run(job, info)
 
     n_eval = len(data.evals.examples)
     base, outcome = train(job, trainer, n_eval)
