@@ -23,6 +23,7 @@ from ..errors import MedloraError, log
 from ..inference.backend import preset
 from ..inference.guard import GuardedBackend, without_notice
 from ..inference.hf import load_backend
+from ..inference.loader import check_backend_choice, open_eval_generator
 from ..rundir import CONFIG, RUN_INFO, RunDir, file_sha256
 from .report import LABELS, MODELS, ROUGE_CAVEAT, write_report
 from .safety_check import DATA_DIR, safety_check
@@ -196,7 +197,8 @@ def forgetting_check(backend, cfg: TrainConfig) -> dict:
 def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20, max_new_tokens: int | None = None,
                  max_eval_samples: int | None = None, show: int = 5, model: str | None = None,
                  safety_guard: bool = True, emergency_number: str | None = None, safety: bool = False,
-                 safety_samples: int = 40, forgetting: bool = True) -> Path:
+                 safety_samples: int = 40, forgetting: bool = True, backend: str = "auto",
+                 threads: int | None = None) -> Path:
     """Evaluate RUN_DIR's adapter and its base model; write the report; return the report folder."""
     if samples < 0 or show < 0 or safety_samples < 1:
         raise MedloraError("--samples and --show must be >= 0, --safety_samples >= 1")
@@ -205,21 +207,24 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20
     cfg = run.read_config()
     limit = cfg.max_eval_samples if max_eval_samples is None else max_eval_samples
     rows = select_rows(cfg, run, data, samples, limit if limit and limit > 0 else None)
-    backend = GuardedBackend(load_backend(str(run.path), model, cfg.trust_remote_code), safety_guard, emergency_number)
-    log(f"evaluating {backend.description} and its base model on {rows.source}")
+    check_backend_choice(backend, threads)
+    hf = load_backend(str(run.path), model, cfg.trust_remote_code)  # losses are always transformers' (fp32)
+    generator = GuardedBackend(open_eval_generator(str(run.path), model, backend, hf, threads, cfg.trust_remote_code),
+                               safety_guard, emergency_number)
+    log(f"evaluating {generator.description} and its base model on {rows.source}")
 
     losses = {}
     for name in MODELS:
-        with backend.adapter(name == "fine_tuned"):
-            losses[name] = answer_losses(backend.model, backend.tokenizer, rows.loss, cfg,
+        with hf.adapter(name == "fine_tuned"):
+            losses[name] = answer_losses(hf.model, hf.tokenizer, rows.loss, cfg,
                                          f"eval loss ({LABELS[name]})")
     loss = {m: float(np.mean(v)) for m, v in losses.items()}
-    items = generate_answers(backend, rows.rouge, params) if samples else []
+    items = generate_answers(generator, rows.rouge, params) if samples else []
     rouge = rouge_summary(items)
-    forgetting = forgetting_check(backend, cfg) if forgetting else None
+    forgetting = forgetting_check(hf, cfg) if forgetting else None
     safety_report = None
     if safety:
-        safety_report = safety_check(backend, rows.questions, safety_samples,
+        safety_report = safety_check(generator, rows.questions, safety_samples,
                                      replace(params, max_new_tokens=max_new_tokens or SAFETY_MAX_NEW_TOKENS),
                                      safety_guard, _bar)
 
@@ -234,7 +239,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20
         "interpretation": interpret(loss, rouge),
         "rouge_caveat": ROUGE_CAVEAT,
         "generation": params.settings(),
-        "backend": backend.name,
+        "backend": generator.name,
+        "backend_description": generator.description,
         "safety_guard": {"enabled": safety_guard, "emergency_number": emergency_number},
         "forgetting": forgetting,
         "safety": safety_report,

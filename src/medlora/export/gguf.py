@@ -15,6 +15,7 @@ expects and this module therefore does:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -121,6 +122,7 @@ def _encode_tensor(gguf, gguf_name: str, a, quant: str):
     return a.astype(np.float16), None  # rows not a multiple of the block size: f16, as llama.cpp does
 
 
+
 # ---------------------------------------------------------------- tokenizer
 
 # The split patterns of the tokenizers llama.cpp knows by name; the pre-tokenizer tells llama.cpp which to use.
@@ -214,7 +216,7 @@ def write_gguf(model, tokenizer, out: Path, quant: str = DEFAULT_QUANT, name: st
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # two processes exporting at once never share a file
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[model_arch])
     try:
         _write_hparams(writer, config, name or out.stem, file_type)
@@ -281,7 +283,7 @@ def write_modelfile(gguf_path: Path, tokenizer, system_prompt: str) -> Path:
 # ---------------------------------------------------------------- what to export
 
 def export(target: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | None = None,
-           trust_remote_code: bool = False, progress: bool = True) -> Path:
+           trust_remote_code: bool = False, progress: bool = True, modelfile: bool = True) -> Path:
     """Export a run folder (its adapter merged in memory), its merged_model/ or any HF model folder. Default
     output: RUN/export/RUN-QUANT.gguf (for a plain model folder, FOLDER/export/FOLDER-QUANT.gguf)."""
     from ..model import load_model, load_run_model, load_tokenizer
@@ -309,5 +311,47 @@ def export(target: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | 
     if out.is_dir():
         raise MedloraError(f"--output {out} is a folder; give a file name (NAME.gguf)")
     write_gguf(model, tokenizer, out, quant, name=name, progress=progress)
-    write_modelfile(out, tokenizer, prompt)
+    if modelfile:
+        write_modelfile(out, tokenizer, prompt)
+    return out
+
+
+def _newest_mtime(folder: Path) -> float:
+    return max((f.stat().st_mtime for f in folder.rglob("*") if f.is_file()), default=0.0)
+
+
+def cached_export(target: str | Path | None, quant: str = DEFAULT_QUANT, model: str | None = None,
+                  trust_remote_code: bool = False) -> Path:
+    """The GGUF that the llama.cpp backend runs for ``target``, exported on first use and reused after:
+
+    * a run folder: RUN/export/RUN-QUANT.gguf, the file `medlora export` writes (exported again when the adapter
+      is newer than it, e.g. after --resume trained on);
+    * a run's merged model: the same file as its run;
+    * any other HF model folder, or (``target`` None) the base model ``model`` by name: a file in medlora's
+      cache, so a user's model folder is never written to.
+    """
+    from ..model import cache_dir, resolve_model
+
+    if target is None:
+        if model is None:
+            raise MedloraError("give a run folder or --model")
+        folder = Path(resolve_model(model))
+        if not (folder / "config.json").is_file():
+            raise MedloraError(f"{model}: not a local model folder, cannot export it to GGUF")
+    else:
+        folder = Path(target)
+        run = RunDir(folder.parent if RunDir.is_merged_model(folder) else folder)
+        if run.is_finished_run():
+            name = run.path.resolve().name
+            out = run.path / EXPORT / f"{name}-{quant}.gguf"
+            if not out.is_file() or out.stat().st_mtime < _newest_mtime(run.adapter_dir):
+                log(f"exporting {run.path} to {out} for llama.cpp (once; `medlora export` writes the same file)")
+                export(run.path, quant, out, trust_remote_code)
+            return out
+    resolved = folder.resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:10]
+    out = cache_dir() / "gguf" / f"{resolved.name}-{digest}-{quant}.gguf"
+    if not out.is_file() or out.stat().st_mtime < _newest_mtime(resolved):
+        log(f"exporting {resolved} to {out} for llama.cpp (once)")
+        export(resolved, quant, out, trust_remote_code, modelfile=False)
     return out

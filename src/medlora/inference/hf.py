@@ -8,7 +8,7 @@ stopping criterion lets the caller stop it mid-answer (Ctrl-C in chat, a client 
 from __future__ import annotations
 
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -83,11 +83,22 @@ class HFBackend:
         return TextStream(pieces, n_prompt)
 
     # -- helpers for eval
+    @contextmanager
     def adapter(self, enabled: bool):
-        """Context in which a run's model answers with (fine-tuned) or without (base) its LoRA weights."""
-        if enabled or not hasattr(self.model, "disable_adapter"):
-            return nullcontext()
-        return self.model.disable_adapter()
+        """Context in which a run's model answers with (fine-tuned) or without (base) its LoRA weights. The
+        fine-tuned model has its adapter merged into the weights meanwhile: one matmul per projection instead
+        of three, and the same numbers up to fp32 rounding."""
+        if not hasattr(self.model, "disable_adapter"):  # a plain or merged model
+            yield
+        elif not enabled:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.merge_adapter()
+            try:
+                yield
+            finally:
+                self.model.unmerge_adapter()
 
     def _eos_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id if self.model.generation_config else None
@@ -95,9 +106,11 @@ class HFBackend:
         return {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
 
 
-def load_backend(target: str | None = None, model: str | None = None, trust_remote_code: bool = False) -> HFBackend:
+def load_backend(target: str | None = None, model: str | None = None, trust_remote_code: bool = False,
+                 merge: bool = False) -> HFBackend:
     """A run folder (its adapter on its base model; ``model`` overrides the base), a merged or plain HF model
-    folder, or, with ``target`` None, the base model ``model`` by name."""
+    folder, or, with ``target`` None, the base model ``model`` by name. ``merge``: fold a run's adapter into
+    the weights for good (chat: faster; eval keeps it separate to answer as the base model too)."""
     if target is None:
         if model is None:
             raise MedloraError("give a run folder or --model")
@@ -110,8 +123,10 @@ def load_backend(target: str | None = None, model: str | None = None, trust_remo
     run = RunDir(path)
     if run.is_finished_run():
         peft_model, tok, base_name = load_run_model(run, model, trust_remote_code)
+        if merge:
+            peft_model = peft_model.merge_and_unload()
         return HFBackend(peft_model, tok, run.system_prompt() or DEFAULT_SYSTEM_PROMPT,
-                         f"{path} (adapter on {base_name})")
+                         f"{path} (adapter {'merged into' if merge else 'on'} {base_name})")
     if (path / "config.json").is_file():  # merged_model/ or any HF folder
         prompt = DEFAULT_SYSTEM_PROMPT
         if RunDir.is_merged_model(path):

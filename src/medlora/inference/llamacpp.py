@@ -158,6 +158,46 @@ class LlamaCppBackend:
         """Token ids as llama.cpp encodes a prompt (special tokens parsed; BOS added where the model adds it)."""
         return self._post("/tokenize", {"content": text, "add_special": True, "parse_special": True})["tokens"]
 
+    def _get(self, route: str) -> dict:
+        req = urllib.request.Request(self._server.listening_address + route,
+                                     headers={"Authorization": f"Bearer {self._key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())
+        except OSError as e:
+            raise MedloraError(f"llama.cpp {route} failed: {e}") from None
+
+    def eos_id(self) -> int | None:
+        ids = self.tokenize(self._get("/props").get("eos_token") or "")
+        return ids[0] if len(ids) == 1 else None
+
+    def answer_logprobs(self, prompt_ids: list[int], answer_ids: list[int]) -> list[float]:
+        """Teacher forcing through llama.cpp: log p(answer token | prompt, answer so far) for every answer token,
+        in one request. A grammar of token ids (``<[id]>``) makes the sampler take exactly the answer's tokens;
+        the reported log-probabilities are the model's own (softmax of its raw logits, before any sampler).
+        A final end-of-turn token cannot be in such a grammar (llama.cpp aborts); once the grammar is complete
+        it is the only token the sampler may take, so it is the last one generated, with its own probability."""
+        answer = [int(t) for t in answer_ids]
+        if not answer:
+            return []
+        eos = self.eos_id()
+        forced = answer[:-1] if answer[-1] == eos else answer
+        if not forced:
+            raise MedloraError("the answer has no token before its end-of-turn token")
+        body = {"prompt": [int(t) for t in prompt_ids], "n_predict": len(answer), "n_probs": 1,
+                "grammar": "root ::= " + " ".join(f"<[{t}]>" for t in forced), "post_sampling_probs": False,
+                "temperature": 0, "top_k": 1, "cache_prompt": False}
+        if forced is not answer:  # of the end-of-generation tokens a complete grammar allows, take this one (the
+            body["logit_bias"] = [[eos, 100.0]]  # bias acts in the sampler only: the reported logprob is unbiased
+        reply = self._post("/completion", body)
+        probs = reply.get("completion_probabilities") or []
+        got = [c["id"] for c in probs]
+        if got != answer:
+            at = next((i for i, (a, b) in enumerate(zip(got, answer)) if a != b), min(len(got), len(answer)))
+            raise MedloraError(f"llama.cpp did not follow the answer's tokens (token {at} of {len(answer)}: "
+                               f"{got[at:at + 1]} instead of {answer[at:at + 1]})")
+        return [float(c["logprob"]) for c in probs]
+
     # -- the interface
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.tokenize(self.format_prompt(messages)))
