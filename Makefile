@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench lock clean
+.PHONY: setup chromium demo test test-fast bench lock clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,13 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
+
+# The browser test drives Debian's chromium through Playwright (which downloads no browser of its own); without
+# root or apt, the browser test skips with a one-line reason.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	    || echo "medlora: could not install chromium (apt-get install chromium as root); the browser test will skip"
 
 # Trains the bundled SmolLM2-135M on the bundled sample for a short run, then asks the base and the
 # fine-tuned model the same question (greedy, deterministic).
@@ -48,4 +54,4 @@ lock:
 	{ sed -n '1,2p' requirements.txt; /tmp/medlora-lock/bin/pip freeze | sed 's/+cpu$$//'; } > requirements.tmp && mv requirements.tmp requirements.txt
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache test-artifacts
