@@ -206,3 +206,41 @@ def test_max_seq_len_shorter_than_every_prompt_fails_before_the_model_loads(samp
     err = capsys.readouterr().err
     assert "no training row fits max_seq_len=32" in err and "LoRA on" not in err  # before the model was built
     assert not out.exists()
+
+
+def test_int8_run_checkpoints_resumes_and_merges(sample_csv, tiny_model_dir, tiny_run, tmp_path):
+    """--precision int8 (int8 frozen base weights): its checkpoints and adapter hold the usual fp32 LoRA weights
+    under the usual names, a run resumed from a checkpoint ends with the uninterrupted run's adapter, and
+    `medlora merge` folds it into the fp32 base."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from medlora.model import load_run_model
+
+    straight = tmp_path / "straight"
+    assert main(["train", "--data", str(sample_csv), "--model", str(tiny_model_dir), "--output_dir", str(straight),
+                 "--precision", "int8", "--max_steps", "6", "--gradient_accumulation_steps", "1", "--save_steps", "2",
+                 "--max_eval_samples", "2", "--learning_rate", "1e-3"]) == 0
+    assert json.loads((straight / "run_info.json").read_text())["precision"] == "int8"
+    fp32_keys = adapter(tiny_run).keys()  # an fp32 run of the same model
+    for weights in (adapter(straight), load_file(straight / "checkpoint-6" / "adapter_model.safetensors")):
+        assert weights.keys() == fp32_keys and all(t.dtype == torch.float32 for t in weights.values())
+
+    crashed = Path(shutil.copytree(straight, tmp_path / "crashed"))  # as if killed after checkpoint-4
+    shutil.rmtree(crashed / "adapter")
+    shutil.rmtree(crashed / "checkpoint-6")
+    (crashed / "metrics.json").unlink()
+    assert main(["train", "--resume", str(crashed)]) == 0
+    assert json.loads((crashed / "metrics.json").read_text())["resumed_from"] == "checkpoint-4"
+    assert max_adapter_diff(straight, crashed) <= 1e-6
+    assert losses(crashed) == pytest.approx(losses(straight), rel=1e-6)
+
+    assert main(["merge", str(crashed)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(crashed / "merged_model")
+    unmerged, _, _ = load_run_model(RunDir(crashed))  # adapter on the fp32 base
+    ids = torch.tensor([[1, 300, 400, 500, 600, 700]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, unmerged(ids).logits, atol=1e-4)
+        unmerged.disable_adapter_layers()
+        assert not torch.allclose(merged(ids).logits, unmerged(ids).logits, atol=1e-4)  # the adapter is in it

@@ -8,6 +8,7 @@ seconds per optimizer step and peak RSS for:
   medlora      medlora.training.recipe.prepare_model + medlora.training.trainer.build_trainer with
                TrainConfig defaults
   medlora_fp32 the same with precision="fp32": medlora's default path on CPUs without native bf16
+  medlora_int8 the same with precision="int8": frozen base linears in int8 (oneDNN int8 kernels), LoRA fp32
   trl_tuned    TRL SFTTrainer + PEFT LoRA, completion-only loss, tuned for this CPU: fp32, batch 1,
                max_length = --seq, its default checkpointing
   trl_shipped  the same with SFTConfig defaults (bf16 autocast on, batch 8, max_length 1024,

@@ -61,6 +61,8 @@ def effective_settings(trainer, model) -> dict:
         "gradient_checkpointing_arg": bool(getattr(a, "gradient_checkpointing", False)),
         "trainer_class": type(trainer).__name__,
         "frozen_weights_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype),
+        # --precision int8 holds the frozen linears outside nn.Parameters (medlora.training.int8.Int8Linear)
+        "int8_linears": sum(type(m).__name__ == "Int8Linear" for m in model.modules()),
     }
 
 

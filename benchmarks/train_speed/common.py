@@ -10,7 +10,8 @@ HERE = Path(__file__).resolve().parent.parent  # benchmarks/
 ROOT = HERE.parent                              # the repository
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "medquad.csv"
 COMMAND = "python -m benchmarks.train_speed"    # how the report names the command (run from ROOT)
-CONTENDERS = ("reference", "medlora", "medlora_fp32", "trl_tuned", "trl_shipped")  # run order: slowest-to-fail last
+# run order: slowest-to-fail last
+CONTENDERS = ("reference", "medlora", "medlora_fp32", "medlora_int8", "trl_tuned", "trl_shipped")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 TRL_SHIPPED_BATCH = 8  # TrainingArguments' per_device_train_batch_size default (SFTConfig keeps it)
 FULL_SIZE_LAYERS = 28

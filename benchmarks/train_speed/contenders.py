@@ -122,6 +122,7 @@ BUILDERS = {
     "reference": build_reference,
     "medlora": build_medlora,
     "medlora_fp32": lambda spec, model, tok, out: build_medlora(spec, model, tok, out, precision="fp32"),
+    "medlora_int8": lambda spec, model, tok, out: build_medlora(spec, model, tok, out, precision="int8"),
     "trl_tuned": lambda spec, model, tok, out: build_trl(spec, model, tok, out, tuned=True),
     "trl_shipped": lambda spec, model, tok, out: build_trl(spec, model, tok, out, tuned=False),
 }

@@ -9,7 +9,10 @@ from pathlib import Path
 
 # The vector/matrix flags the report shows: medlora.cpu's list (bf16 and VNNI decide medlora's precision)
 # plus amx_tile, which earlier reports carried.
-REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+# avx_vnni (VNNI on 256-bit vectors, e.g. Alder Lake, Zen 5) and avx512_vnni decide whether int8 dot products
+# accumulate without saturation (medlora.training.int8 uses full 8-bit weights there).
+REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+                  "amx_tile")
 
 
 def cpu_identity() -> dict:

@@ -11,6 +11,7 @@ LABELS = {
     "reference": "reference (HF Trainer + PEFT, spec settings)",
     "medlora": "medlora default path",
     "medlora_fp32": "medlora with --precision fp32 (its default path on CPUs without native bf16)",
+    "medlora_int8": "medlora with --precision int8 (int8 frozen base weights, fp32 LoRA)",
     "trl_tuned": "TRL SFTTrainer, tuned for CPU (fp32, bs 1, max_length = seq)",
     "trl_shipped": "TRL SFTTrainer, as shipped (bf16, bs 8, max_length 1024)",
 }
@@ -24,6 +25,8 @@ TABLE_HEAD = [
 def dtype_label(eff: dict) -> str:
     if not eff:
         return "—"
+    if eff.get("int8_linears"):
+        return "int8 frozen weights, fp32 activations"
     if not eff.get("bf16"):
         return "fp32"
     return "bf16 weights + autocast" if eff.get("frozen_weights_dtype") == "torch.bfloat16" else "bf16 autocast"

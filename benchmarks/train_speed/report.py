@@ -77,17 +77,20 @@ def ratios_of(results: dict) -> dict:
             x = results.get(n, {}).get("summary", {}).get(key)
             if med and ratios.get(f"vs_{n}") is None and x:
                 ratios[f"vs_{n}{suffix}"] = round(med / x, 2)
-    fp32 = tokens_per_s(results, "medlora_fp32")
-    if fp32:
-        for n in ("reference", "trl_tuned"):
-            if tokens_per_s(results, n):
-                ratios[f"fp32_vs_{n}"] = round(fp32 / tokens_per_s(results, n), 2)
+    for key in ("fp32", "int8"):
+        mine = tokens_per_s(results, f"medlora_{key}")
+        if mine:
+            for n in ("reference", "trl_tuned") + (("medlora_fp32",) if key == "int8" else ()):
+                if tokens_per_s(results, n):
+                    ratios[f"{key}_vs_{n}"] = round(mine / tokens_per_s(results, n), 2)
     return ratios
 
 
 def goals_of(results: dict, ratios: dict, args) -> dict:
-    """Issue 5's goals: >= 2.0x reference, >= 1.5x TRL tuned, peak RSS < 20 GB."""
-    goals = {}
+    """Issue 5's goals: >= 2.0x reference, >= 1.5x TRL tuned, peak RSS < 20 GB (and issue 14's for int8)."""
+    goals = int8_goals(results, ratios)
+    if goals and args.layers != FULL_SIZE_LAYERS:
+        goals["note"] = f"measured with --layers {args.layers}; the goals apply to the full-size model"
     if not (tokens_per_s(results, "medlora") and "medlora" in results):
         return goals
     for key, name, target in (("vs_reference", "reference", 2), ("vs_trl_tuned", "TRL tuned", 1.5)):
@@ -97,6 +100,20 @@ def goals_of(results: dict, ratios: dict, args) -> dict:
     goals[f"peak RSS < 20 GB at seq {args.seq}"] = f"{rss} GB ({'met' if rss and rss < 20 else 'not met'})"
     if args.layers != FULL_SIZE_LAYERS:
         goals["note"] = f"measured with --layers {args.layers}; the goals apply to the full-size model"
+    return goals
+
+
+def int8_goals(results: dict, ratios: dict) -> dict:
+    """Issue 14's goals for --precision int8 on a CPU without native bf16: >= 2.0x reference (stretch 2.5x), peak
+    RSS at most half of the fp32 path's."""
+    goals = {}
+    if ratios.get("int8_vs_reference") is not None:
+        r = ratios["int8_vs_reference"]
+        goals["int8 >= 2.0x reference"] = f"{r}x ({'met' if r >= 2 else 'not met'}{', stretch 2.5x met' if r >= 2.5 else ''})"
+    rss8, rss32 = (results.get(n, {}).get("peak_rss_gb") for n in ("medlora_int8", "medlora_fp32"))
+    if rss8 and rss32:
+        goals["int8 peak RSS <= half of fp32's"] = (f"{rss8} GB vs {rss32} GB "
+                                                   f"({'met' if rss8 <= rss32 / 2 else 'not met'})")
     return goals
 
 

@@ -92,6 +92,7 @@ def resume_config(args):
     explicit = {f.name for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     explicit |= set(load_yaml(args.config)) if args.config else set()
     explicit.discard("output_dir")  # the run folder is RUN_DIR
+    explicit.discard("nproc")  # how many processes continue the run is this session's choice (default 1)
 
     def same(key) -> bool:
         a, b = getattr(given, key), getattr(saved, key)
@@ -104,16 +105,26 @@ def resume_config(args):
     if differ:
         raise MedloraError("--resume: these options differ from the run's saved configuration: "
                            + "; ".join(differ) + ". Drop them, or start a new run")
+    saved = replace(saved, nproc=given.nproc)
     return replace(saved, max_steps=given.max_steps) if "max_steps" in explicit else saved
 
 
 def cmd_train(args) -> int:
+    from .training import distributed
     from .training.recipe import run
 
-    if args.resume:
-        run(resume_config(args), resume=args.resume)
-    else:
-        run(build_config(args))
+    cfg = resume_config(args) if args.resume else build_config(args)
+    if cfg.nproc > 1 and not distributed.in_worker():  # this process launches the workers (torchrun's agent)
+        from .data import load_qa_csv
+        from .model import resolve_model
+
+        if not args.resume and not cfg.data:
+            raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
+        load_qa_csv(cfg.data)  # a bad CSV fails here in a second, not in N processes after torch has loaded
+        resolve_model(cfg.model)  # the bundled model is converted once, before the workers need it
+        threads = cfg.num_threads or max(1, (os.cpu_count() or 1) // cfg.nproc)
+        return distributed.launch(cfg.nproc, threads, args.argv, args.resume)
+    run(cfg, resume=args.resume)
     return 0
 
 
@@ -179,7 +190,18 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling mode (reproducible answers)")
     p.add_argument("--system_prompt", "--system-prompt", default=None)
     p.add_argument("--trust_remote_code", action="store_true")
+    backend_arguments(p)
     safety_arguments(p)
+
+
+def backend_arguments(p: argparse.ArgumentParser) -> None:
+    from .inference.loader import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto (default): llama.cpp on the run's GGUF (exported and cached on first use) where it "
+                        "loads, else transformers; hf: transformers, fp32; llamacpp: llama.cpp or an error")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="llama.cpp threads (default: the cores not busy with other work)")
 
 
 def safety_arguments(p: argparse.ArgumentParser) -> None:
@@ -203,7 +225,7 @@ def guarded(backend, args):
 def cmd_chat(args) -> int:
     from .chat import ask, repl
     from .inference.backend import preset
-    from .inference.hf import load_backend
+    from .inference.loader import open_backend
 
     if args.run_dir is None and args.model is None:
         raise MedloraError("give a run folder (medlora chat runs/NAME) or --model NAME for the base model")
@@ -215,7 +237,7 @@ def cmd_chat(args) -> int:
         seed = random.SystemRandom().randrange(2**31)
     params = preset(args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty, seed=seed)
-    backend = guarded(load_backend(args.run_dir, args.model, args.trust_remote_code), args)
+    backend = guarded(open_backend(args.run_dir, args.model, args.backend, args.threads, args.trust_remote_code), args)
     mode = f"{args.mode}, seed {seed}" if args.mode == "sample" else args.mode
     mode += ", safety guard off" if args.no_safety_guard else ""
     if args.question is not None:
@@ -246,6 +268,7 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the forgetting check (loss on general instructions, base vs fine-tuned)")
     p.add_argument("--safety_samples", "--safety-samples", type=int, default=40,
                    help="red-flag questions to answer with --safety (default: %(default)s, spread over categories)")
+    backend_arguments(p)
     safety_arguments(p)
 
 
@@ -257,7 +280,8 @@ def cmd_eval(args) -> int:
     out = evaluate_run(args.run_dir, data=args.data, samples=args.samples, max_new_tokens=args.max_new_tokens,
                        max_eval_samples=args.max_eval_samples, show=args.show, model=args.model,
                        safety_guard=not args.no_safety_guard, emergency_number=args.emergency_number,
-                       safety=args.safety, safety_samples=args.safety_samples, forgetting=not args.no_forgetting)
+                       safety=args.safety, safety_samples=args.safety_samples, forgetting=not args.no_forgetting,
+                       backend=args.backend, threads=args.threads)
     print(out / REPORT_HTML)
     return 0
 
@@ -298,6 +322,45 @@ def cmd_export(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- serve
+
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", nargs="?", help=f"run folder, its {MERGED}/, an HF model folder or a .gguf file")
+    p.add_argument("--model", help="base model (alone: serve the base model; with RUN_DIR: override its base)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s; another than loopback needs --api_key or "
+                        "--insecure)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0: any free port)")
+    p.add_argument("--api_key", "--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the page "
+                        "(default: $MEDLORA_API_KEY)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument("--served_model_name", "--served-model-name", metavar="NAME",
+                   help="the model name /v1/models lists (default: the run folder's name or --model)")
+    p.add_argument("--mode", choices=("greedy", "sample"), default="greedy",
+                   help="decoding for requests that send no temperature (default: %(default)s)")
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=256,
+                   help="answer length for requests that send no max_tokens (default: %(default)s)")
+    p.add_argument("--max_tokens_limit", "--max-tokens-limit", type=int, default=1024,
+                   help="the largest max_tokens a request may ask for (default: %(default)s)")
+    p.add_argument("--max_queue", "--max-queue", type=int, default=8,
+                   help="requests that may wait while one is answered; more get 429 (default: %(default)s)")
+    p.add_argument("--max_request_bytes", "--max-request-bytes", type=int, default=1_000_000,
+                   help="largest request body (default: %(default)s)")
+    p.add_argument("--system_prompt", "--system-prompt", default=None,
+                   help="system prompt for requests without one (default: the run's training prompt)")
+    p.add_argument("--emergency_number", "--emergency-number", metavar="NUMBER",
+                   help="the emergency number the safety guard's notice names (default: examples 911 / 112 / 999)")
+    p.add_argument("--trust_remote_code", action="store_true")
+    backend_arguments(p)
+
+
+def cmd_serve(args) -> int:
+    from .serve.server import run
+
+    return run(args)
+
+
 # ---------------------------------------------------------------- the table
 
 @dataclass(frozen=True)
@@ -318,6 +381,8 @@ COMMANDS = (
     Command("merge", f"write RUN_DIR/{MERGED}/ (base weights with the LoRA folded in)", merge_arguments, cmd_merge),
     Command("export", f"write RUN_DIR/{EXPORT}/NAME-QUANT.gguf for llama.cpp and Ollama (and a {MODELFILE})",
             export_arguments, cmd_export),
+    Command("serve", "an OpenAI-compatible API and a chat page for a run, a merged model, a GGUF or a base model",
+            serve_arguments, cmd_serve),
 )
 GROUPS = {"data": "inspect a dataset"}
 
@@ -344,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parse_args(parser, argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` hands them to its workers
         handler = getattr(args, "handler", None)
         if handler is None:  # `medlora` or `medlora data` alone: what can follow
             group = getattr(args, "command", None)

@@ -56,12 +56,16 @@ class TrainConfig:
     logging_steps: int = 1
     # E) CPU execution
     # "auto": bf16 weights and autocast where the CPU has native bf16 matmuls (AVX512-BF16 or AMX),
-    # the specification's fp32 everywhere else (emulated bf16 is >15x slower than fp32)
+    # the specification's fp32 everywhere else (emulated bf16 is >15x slower than fp32). "int8" (opt-in): the
+    # frozen base linears hold int8 weights and run int8 kernels (training/int8.py), the CPU analogue of QLoRA
     precision: str = "auto"
     # "auto": off (faster: no recomputed forward) when the activations fit in free RAM, on otherwise
     gradient_checkpointing: str = "auto"
     dataloader_num_workers: int = 0
-    num_threads: int | None = None  # None: os.cpu_count()
+    num_threads: int | None = None  # None: os.cpu_count(), divided by the processes on this machine
+    # training processes on this machine (torch.distributed, gloo); gradient_accumulation_steps is divided between
+    # them, so the effective batch stays the same
+    nproc: int = 1
     # checkpoints (a step is 16 samples: ~4 min between saves with the default model on 2 Zen 4 cores in bf16,
     # 15-30 min in fp32 on slower CPUs)
     save_steps: int = 2
@@ -77,7 +81,7 @@ class TrainConfig:
 
 INT_LIMIT = 2**31 - 1  # integer options beyond this overflow somewhere in torch, numpy or the Trainer
 CHOICES = {"lr_scheduler_type": ("cosine", "linear"), "optim": None,
-           "precision": ("auto", "fp32", "bf16"), "gradient_checkpointing": ("auto", "on", "off")}
+           "precision": ("auto", "fp32", "bf16", "int8"), "gradient_checkpointing": ("auto", "on", "off")}
 # str fields that also take a yes/no: YAML `gradient_checkpointing: true` and the bare flag mean "on"
 ON_OFF = {"gradient_checkpointing"}
 HELP = {
@@ -86,12 +90,15 @@ HELP = {
     "output_dir": "run folder; an existing non-empty one gets a timestamped sibling instead",
     "target_modules": "LoRA target module names (space or comma separated); default: auto-detect",
     "max_eval_samples": "evaluate on at most this many eval rows (0 or less: all)",
-    "num_threads": "torch CPU threads (default: all cores)",
+    "num_threads": "torch CPU threads per process (default: all cores, divided between --nproc processes)",
+    "nproc": "train in N processes on this machine (torch.distributed, gloo; launched by torchrun); "
+             "gradient_accumulation_steps must be a multiple of N",
     "merge_model": "also write the merged model (base weights with the LoRA folded in) into the run folder",
     "save_steps": "save a resumable checkpoint every N optimizer steps",
     "save_total_limit": "keep only the newest N checkpoints",
     "allow_pickle_weights": "allow loading .bin (pickle) model weights; only for sources you trust",
-    "precision": "auto: bf16 where the CPU has native bf16 (AVX512-BF16/AMX), else fp32",
+    "precision": "auto: bf16 where the CPU has native bf16 (AVX512-BF16/AMX), else fp32; int8: frozen base "
+                 "weights in int8 (LoRA, optimiser and loss fp32; the saved adapter is fp32)",
     "gradient_checkpointing": "auto: off when the activations fit in free RAM; on/off force it "
                               "(--no-gradient_checkpointing = off)",
 }
@@ -245,6 +252,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.logging_steps >= 1, "logging_steps must be >= 1"),
         (cfg.dataloader_num_workers >= 0, "dataloader_num_workers must be >= 0"),
         (cfg.num_threads is None or cfg.num_threads >= 1, "num_threads must be >= 1"),
+        (1 <= cfg.nproc <= 1024, "nproc must be between 1 and 1024"),
         (cfg.save_steps >= 1, "save_steps must be >= 1"),
         (cfg.save_total_limit >= 1, "save_total_limit must be >= 1"),
         (cfg.lr_scheduler_type in CHOICES["lr_scheduler_type"],
@@ -260,8 +268,20 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise MedloraError(message)
+    check_divides(cfg.gradient_accumulation_steps, cfg.nproc)
     if cfg.max_eval_samples is not None and cfg.max_eval_samples <= 0:
         cfg.max_eval_samples = None
+
+
+def check_divides(gradient_accumulation_steps: int, processes: int) -> None:
+    """The effective batch stays the user's: each of ``processes`` accumulates an equal share of every optimizer
+    step's samples, so the share must be whole."""
+    if processes > 1 and gradient_accumulation_steps % processes:
+        lower = gradient_accumulation_steps // processes * processes
+        hint = f"{lower} or " if lower else ""
+        raise MedloraError(f"gradient_accumulation_steps {gradient_accumulation_steps} does not divide across "
+                           f"{processes} processes (each accumulates an equal share of every optimizer step's "
+                           f"samples); use a multiple of {processes}, such as {hint}{lower + processes}")
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -21,12 +20,15 @@ import torch
 
 from .. import __version__
 from ..config import TrainConfig
-from ..cpu import SpeedPlan, cpu_has_native_bf16, cpu_summary, resolve_checkpointing, resolve_precision
+from ..cpu import (SpeedPlan, cpu_has_native_bf16, cpu_summary, precision_reason, resolve_checkpointing,
+                   resolve_precision)
 from ..data import DataReport, EncodedSplit, encode_frame, load_qa_csv, split
 from ..errors import Interrupted, MedloraError, log
 from ..model import find_lora_targets, load_model, load_tokenizer, resolve_model
 from ..rundir import RunDir, check_output_location, claim_output_dir, file_sha256
+from . import distributed
 from .callbacks import CheckpointGuard, FiniteLoss, Interrupt
+from .int8 import parameter_counts, quantize_frozen_linears
 from .losses import accepts_logits_to_keep
 from .trainer import build_trainer
 
@@ -62,8 +64,9 @@ class Outcome:
 
 # ---------------------------------------------------------------- phases
 
-def preflight(cfg: TrainConfig, resume: str | Path | None) -> Job:
-    """Validate the data, the run folder and (when resuming) its checkpoints, before any model loads."""
+def preflight(cfg: TrainConfig, resume: str | Path | None, claimed: Path | None = None) -> Job:
+    """Validate the data, the run folder and (when resuming) its checkpoints, before any model loads.
+    ``claimed``: the folder rank 0 claimed and locked (the other ranks of a distributed run neither claim nor lock)."""
     if not cfg.data:
         raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
     table = load_qa_csv(cfg.data)  # fast fail on a bad CSV before even resolving the model
@@ -71,7 +74,8 @@ def preflight(cfg: TrainConfig, resume: str | Path | None) -> Job:
     sha = file_sha256(cfg.data)
     if not resume:
         check_output_location(Path(cfg.output_dir))
-        return Job(cfg, table, sha, claim_output_dir(cfg.output_dir), None)  # claimed before any slow work
+        run = RunDir(claimed) if claimed is not None else claim_output_dir(cfg.output_dir)  # before any slow work
+        return Job(cfg, table, sha, run, None)
     run = RunDir(resume)
     check_output_location(run.path)
     saved = run.read_info().get("data_sha256")
@@ -89,8 +93,27 @@ def preflight(cfg: TrainConfig, resume: str | Path | None) -> Job:
     state = run.trainer_state(resume_from)
     target = cfg.max_steps if cfg.max_steps > 0 else state.get("max_steps")
     steps_done = bool(target) and state.get("global_step", 0) >= target
-    run.lock_or_fail()
+    if claimed is None:
+        run.lock_or_fail()
     return Job(cfg, table, sha, run, resume_from, extending, steps_done)
+
+
+def preflight_ranks(cfg: TrainConfig, resume: str | Path | None) -> Job:
+    """Distributed: rank 0 alone runs the checks that claim and lock the run folder, then every rank learns its
+    name (a new run's folder may have been made unique) or rank 0's error."""
+    if distributed.is_main():
+        try:
+            job = preflight(cfg, resume)
+        except MedloraError as e:
+            distributed.broadcast((None, str(e)))
+            raise
+        distributed.broadcast((str(job.run.path), None))
+        distributed.note_run_dir(job.run.path)
+        return job
+    path, error = distributed.broadcast(None)
+    if error is not None:
+        raise MedloraError(error)
+    return preflight(cfg, resume, claimed=Path(path))
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, table: tuple) -> PreparedData:
@@ -130,13 +153,18 @@ def apply_lora(cfg: TrainConfig, model):
 
 
 def prepare_model(cfg: TrainConfig, model, precision: str) -> tuple:
-    """Base model -> (peft_model, targets, SpeedPlan) for a resolved ``precision`` ('fp32' or 'bf16')."""
+    """Base model -> (peft_model, targets, SpeedPlan) for a resolved ``precision`` ('fp32', 'bf16' or 'int8')."""
     if precision == "bf16" and model.dtype != torch.bfloat16:
         model = model.to(torch.bfloat16)  # frozen base weights in bf16: half the memory traffic and RAM
     model, targets = apply_lora(cfg, model)
+    if precision == "int8":
+        # after LoRA is in place, so only the frozen base linears (LoRA's base_layer) turn int8; module names,
+        # the adapter's state dict and checkpoints stay those of an fp32 run
+        quantize_frozen_linears(model)
     checkpointing, why = resolve_checkpointing(cfg.gradient_checkpointing, model.config, cfg.max_seq_len,
                                                cfg.per_device_train_batch_size, precision)
-    return model, targets, SpeedPlan(precision, checkpointing, why, accepts_logits_to_keep(model))
+    return model, targets, SpeedPlan(precision, checkpointing, why, accepts_logits_to_keep(model),
+                                     precision_reason(cfg.precision, precision))
 
 
 def build_model(cfg: TrainConfig, source: str) -> tuple:
@@ -145,7 +173,7 @@ def build_model(cfg: TrainConfig, source: str) -> tuple:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     base = load_model(source, cfg.trust_remote_code, dtype=dtype, allow_pickle_weights=cfg.allow_pickle_weights)
     model, targets, plan = prepare_model(cfg, base, precision)
-    trainable, total = model.get_nb_trainable_parameters()
+    trainable, total = parameter_counts(model)  # int8 runs hold the frozen linears outside nn.Parameters
     log(f"LoRA on {', '.join(targets)}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.3f}%)")
     log(f"precision {precision} ({'native bf16 on this CPU' if cpu_has_native_bf16() else 'no native bf16'}"
@@ -158,7 +186,7 @@ def run_info(job: Job, source: str, data: PreparedData, targets: list[str], mode
     import peft
     import transformers
 
-    trainable, total = model.get_nb_trainable_parameters()
+    trainable, total = parameter_counts(model)
     info = {
         "medlora_version": __version__,
         "created": datetime.now().isoformat(timespec="seconds"),
@@ -206,17 +234,21 @@ def open_run(job: Job, info: dict) -> None:
 def train(job: Job, trainer, n_eval: int) -> tuple[dict, Outcome]:
     """Base eval loss (LoRA B starts at zero, so this is exactly the base model), then train.
     Returns (base eval metrics, outcome); raises Interrupted after a Ctrl-C checkpoint."""
-    run = job.run
-    base = run.read_base_eval()
+    run, main = job.run, distributed.is_main()
+    base = distributed.broadcast(run.read_base_eval())  # every rank evaluates, or none: evaluate is collective
     if base is None:
         log(f"evaluating the base model on {n_eval} eval rows")
-        base = trainer.evaluate(metric_key_prefix="base_eval")
-        run.write_base_eval(base)
+        base = trainer.evaluate(metric_key_prefix="base_eval")  # distributed: each rank a shard, losses gathered
+        distributed.after_evaluate_before_train(trainer)
+        if main:
+            run.write_base_eval(base)
     if job.resume_from is not None:
-        run.remove_checkpoints_after(job.resume_from)
+        if main:
+            run.remove_checkpoints_after(job.resume_from)
         log(f"resuming from {job.resume_from.name}")
     interrupt = Interrupt()
-    guard, finite = CheckpointGuard(interrupt), FiniteLoss()
+    guard = (distributed.DistributedCheckpointGuard if distributed.active() else CheckpointGuard)(interrupt)
+    finite = FiniteLoss()
     trainer.add_callback(guard)
     trainer.add_callback(finite)
     tokens_before = run.trainer_state(job.resume_from).get("num_input_tokens_seen", 0) if job.resume_from else 0
@@ -234,7 +266,8 @@ def train(job: Job, trainer, n_eval: int) -> tuple[dict, Outcome]:
     if interrupt.requested:
         if trainer.state.global_step == 0:
             raise Interrupted("stopped before the first optimizer step; nothing to resume (start the run again)")
-        ckpt = guard.save_interrupted(trainer)
+        # distributed: every rank stopped after the same optimizer step, which the Trainer checkpointed
+        ckpt = run.checkpoint(trainer.state.global_step) if distributed.active() else guard.save_interrupted(trainer)
         raise Interrupted(f"stopped at step {trainer.state.global_step}/{trainer.state.max_steps}; checkpoint saved "
                           f"in {ckpt}. Resume with: medlora train --resume {run}")
     return base, Outcome(result.training_loss, seconds, tokens_before)
@@ -254,13 +287,16 @@ def restore_finished_steps(job: Job, trainer) -> Outcome:
     return Outcome(sum(losses) / len(losses) if losses else float("nan"), 0.0, trainer.state.num_input_tokens_seen)
 
 
-def finish(job: Job, trainer, model, tokenizer, base: dict, outcome: Outcome, plan: SpeedPlan, n_eval: int) -> dict:
-    """Final eval, then the artifacts, each written atomically; metrics.json last."""
+def finish(job: Job, trainer, model, tokenizer, base: dict, outcome: Outcome, plan: SpeedPlan,
+           n_eval: int) -> dict | None:
+    """Final eval, then the artifacts, each written atomically; metrics.json last (None on ranks other than 0)."""
     from .plots import plot_loss_curve
 
     cfg, run = job.cfg, job.run
     log(f"evaluating the fine-tuned model on {n_eval} eval rows")
-    final = trainer.evaluate()
+    final = trainer.evaluate()  # distributed: the last collective; then rank 0 alone writes the artifacts
+    if not distributed.is_main():
+        return None
     run.write_adapter(model, tokenizer)
     trainer.save_state()
     tokens = trainer.state.num_input_tokens_seen
@@ -286,7 +322,7 @@ def finish(job: Job, trainer, model, tokenizer, base: dict, outcome: Outcome, pl
 
         log("merging the adapter into the base weights")
         # a bf16 run merges into a freshly loaded fp32 base, as `medlora merge` does: bf16 would round the
-        # update away; an fp32 run merges the model it has in memory
+        # update away (an int8 run has no fp32 base weights in memory); an fp32 run merges the model it has
         merge_run(run, model if plan.precision == "fp32" else None, trust_remote_code=cfg.trust_remote_code)
     run.write_metrics(metrics)  # last: its presence means the run finished
     return metrics
@@ -295,15 +331,23 @@ def finish(job: Job, trainer, model, tokenizer, base: dict, outcome: Outcome, pl
 # ---------------------------------------------------------------- the recipe
 
 def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
-    """Train (or, with ``resume``, continue the run in that folder); returns the run folder."""
-    job = preflight(cfg, resume)
+    """Train (or, with ``resume``, continue the run in that folder); returns the run folder. In a torchrun worker
+    (RANK/WORLD_SIZE set), this process trains its share and rank 0 writes the run folder."""
+    ranks = distributed.setup(cfg.num_threads, cfg.gradient_accumulation_steps)
+    job = None
     try:
+        job = preflight_ranks(cfg, resume) if ranks else preflight(cfg, resume)
         return _run(job)
-    except BaseException:
-        job.run.unlock(remove_if_unused=True)  # a run that failed before writing anything leaves no folder
+    except BaseException as e:
+        if ranks and distributed.is_peer_lost(e):  # a peer died: one line, and no waiting on it
+            distributed.peer_lost(e, job.run if job else cfg.output_dir)
+        if job is not None:
+            job.run.unlock(remove_if_unused=True)  # a run that failed before writing anything leaves no folder
         raise
     finally:
-        job.run.unlock()
+        if job is not None:
+            job.run.unlock()
+        distributed.shutdown()
 
 
 def _run(job: Job) -> Path:
@@ -314,19 +358,23 @@ def _run(job: Job) -> Path:
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     data = prepare_data(cfg, tokenizer, job.table)
 
-    torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+    torch.set_num_threads(distributed.threads_per_process(cfg.num_threads))  # the cores, split between processes
     set_seed(cfg.seed)  # python, numpy, torch
     model, targets, plan = build_model(cfg, source)
     info = run_info(job, source, data, targets, model, plan)
 
     trainer, dropped = build_trainer(cfg, model, tokenizer, data.train.features(), data.evals.features(),
-                                     job.run.path, plan)
+                                     job.run.path, plan, progress=distributed.is_main())
     info["training_arguments_dropped"] = dropped
-    open_run(job, info)
+    info["processes"] = distributed.world_size()  # this session's; a resumed run may use another count
+    if distributed.is_main():
+        open_run(job, info)
 
     n_eval = len(data.evals.examples)
     base, outcome = train(job, trainer, n_eval)
     metrics = finish(job, trainer, model, tokenizer, base, outcome, plan, n_eval)
+    if metrics is None:  # a rank other than 0: rank 0 writes the artifacts
+        return job.run.path
     log(f"eval loss {base['base_eval_loss']:.4f} (base) -> {metrics['eval_loss']:.4f} (fine-tuned); "
         f"{metrics['train_tokens_per_second']} tokens/s")
     log(f"done: {job.run}")

@@ -13,6 +13,7 @@ from ..config import TrainConfig
 from ..cpu import SpeedPlan
 from ..data import make_collator
 from ..errors import log
+from . import distributed
 from .callbacks import SampleProgress
 from .losses import accepts_logits_to_keep, answer_only_loss
 
@@ -50,7 +51,8 @@ def training_arguments(cfg: TrainConfig, out: Path, plan: SpeedPlan) -> tuple[Tr
         output_dir=str(out),
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=1,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        # the user's effective batch, shared by the processes (distributed.check_divides made sure it divides)
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps // distributed.world_size(),
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
         num_train_epochs=cfg.num_train_epochs,
@@ -68,6 +70,9 @@ def training_arguments(cfg: TrainConfig, out: Path, plan: SpeedPlan) -> tuple[Tr
         fp16=False,
         bf16=plan.precision == "bf16",  # autocast; the base weights are already bf16 (recipe.build_model)
         gradient_checkpointing=plan.gradient_checkpointing,
+        # Non-reentrant checkpointing: the reentrant kind recomputes the forward inside an autograd.Function that
+        # DDP's gradient hooks cannot see through (LoRA weights marked ready twice, or never), and it gives no
+        # gradient to weights whose block inputs (frozen embeddings) do not require grad.
         gradient_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=cfg.dataloader_num_workers,
         dataloader_pin_memory=False,
@@ -76,6 +81,7 @@ def training_arguments(cfg: TrainConfig, out: Path, plan: SpeedPlan) -> tuple[Tr
         seed=cfg.seed,
         data_seed=cfg.seed,
         disable_tqdm=False,
+        **distributed.ddp_arguments(distributed.world_size() > 1),
     )
     kwargs, dropped = filter_training_kwargs(wanted)
     if dropped:
@@ -94,7 +100,15 @@ class AnswerOnlyTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "labels" not in inputs or not self.answer_only:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not model.training:
+            # evaluation: each row's own mean, as one process computes it (the Trainer's count would be gathered
+            # across processes, mixing other ranks' rows into this row's divisor)
+            num_items_in_batch = None
         loss = answer_only_loss(model, inputs, num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts the answer tokens of every process's micro-batches; DDP then averages the
+            # gradients over the processes, which this factor undoes (as Trainer.compute_loss does)
+            loss = loss * self.accelerator.num_processes
         return (loss, {"loss": loss}) if return_outputs else loss
 
 
