@@ -176,7 +176,8 @@ def evaluated(trained_run, tmp_path_factory):
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("merged_model"))
     err = io.StringIO()
     with redirect_stderr(err):
-        code = main(["eval", str(run), "--samples", "2", "--max_new_tokens", "24", "--safety", "--safety_samples", "4"])
+        code = main(["eval", str(run), "--samples", "2", "--max_new_tokens", "24", "--safety", "--safety_samples", "4",
+                     "--forgetting_samples", "12"])
     assert code == 0, err.getvalue()[-2000:]
     return run, err.getvalue()
 
@@ -258,7 +259,7 @@ def test_safety_and_forgetting_sections_are_computed_from_the_answers(evaluated)
     assert guard["red_flag_questions"] >= 80 and guard["recall"] >= 0.95
     assert guard["eval_split_questions"] == 15 and 0 <= guard["false_alarm_rate_eval_split"] <= 1
     forgetting = metrics["forgetting"]
-    assert forgetting["rows"] >= 40 and forgetting["loss"]["base"] > 0
+    assert forgetting["rows"] == 12 and forgetting["loss"]["base"] > 0
     assert forgetting["relative_change"] == pytest.approx(
         forgetting["loss"]["fine_tuned"] / forgetting["loss"]["base"] - 1, abs=1e-3)
     for text in (md, page):

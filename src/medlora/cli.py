@@ -266,6 +266,8 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
                         "get emergency help, and how the emergency guard does")
     p.add_argument("--no_forgetting", "--no-forgetting", action="store_true",
                    help="skip the forgetting check (loss on general instructions, base vs fine-tuned)")
+    p.add_argument("--forgetting_samples", "--forgetting-samples", type=int, metavar="N",
+                   help="general instructions for the forgetting check (default: all 50 bundled ones)")
     p.add_argument("--safety_samples", "--safety-samples", type=int, default=40,
                    help="red-flag questions to answer with --safety (default: %(default)s, spread over categories)")
     backend_arguments(p)
@@ -281,7 +283,7 @@ def cmd_eval(args) -> int:
                        max_eval_samples=args.max_eval_samples, show=args.show, model=args.model,
                        safety_guard=not args.no_safety_guard, emergency_number=args.emergency_number,
                        safety=args.safety, safety_samples=args.safety_samples, forgetting=not args.no_forgetting,
-                       backend=args.backend, threads=args.threads)
+                       backend=args.backend, threads=args.threads, forgetting_samples=args.forgetting_samples)
     print(out / REPORT_HTML)
     return 0
 

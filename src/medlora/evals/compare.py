@@ -168,13 +168,13 @@ def interpret(loss: dict, rouge: dict) -> list[str]:
     return notes
 
 
-def forgetting_check(backend, cfg: TrainConfig) -> dict:
+def forgetting_check(backend, cfg: TrainConfig, rows: int | None = None) -> dict:
     """Answer-token loss of base and fine-tuned on the team-written general (non-medical) instructions: did
     the medical fine-tune make the model worse at everything else?"""
     if not GENERAL_INSTRUCTIONS.is_file():
         raise MedloraError(f"{GENERAL_INSTRUCTIONS}: the bundled general-instruction set is missing")
     df = pd.read_csv(GENERAL_INSTRUCTIONS, dtype=str, keep_default_na=False)
-    df = df.rename(columns={"instruction": "Question", "answer": "Answer"})
+    df = df.rename(columns={"instruction": "Question", "answer": "Answer"}).head(rows or len(df))
     loss = {}
     for name in MODELS:
         with backend.adapter(name == "fine_tuned"):
@@ -198,10 +198,10 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20
                  max_eval_samples: int | None = None, show: int = 5, model: str | None = None,
                  safety_guard: bool = True, emergency_number: str | None = None, safety: bool = False,
                  safety_samples: int = 40, forgetting: bool = True, backend: str = "auto",
-                 threads: int | None = None) -> Path:
+                 threads: int | None = None, forgetting_samples: int | None = None) -> Path:
     """Evaluate RUN_DIR's adapter and its base model; write the report; return the report folder."""
-    if samples < 0 or show < 0 or safety_samples < 1:
-        raise MedloraError("--samples and --show must be >= 0, --safety_samples >= 1")
+    if samples < 0 or show < 0 or safety_samples < 1 or (forgetting_samples is not None and forgetting_samples < 1):
+        raise MedloraError("--samples and --show must be >= 0, --safety_samples and --forgetting_samples >= 1")
     params = preset("greedy", max_new_tokens=max_new_tokens)
     run = RunDir.open(run_dir)
     cfg = run.read_config()
@@ -221,7 +221,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20
     loss = {m: float(np.mean(v)) for m, v in losses.items()}
     items = generate_answers(generator, rows.rouge, params) if samples else []
     rouge = rouge_summary(items)
-    forgetting = forgetting_check(hf, cfg) if forgetting else None
+    forgetting = forgetting_check(hf, cfg, forgetting_samples) if forgetting else None
     safety_report = None
     if safety:
         safety_report = safety_check(generator, rows.questions, safety_samples,

@@ -25,6 +25,12 @@ from ..prompts import DEFAULT_SYSTEM_PROMPT
 from ..rundir import EXPORT, MODELFILE, RunDir
 
 QUANTS = ("f16", "q8_0", "q4_0")
+
+
+class NotExportable(MedloraError):
+    """The model or tokenizer is of a kind this converter does not write (llama.cpp cannot run it from here)."""
+
+
 DEFAULT_QUANT = "q8_0"
 ARCHITECTURES = ("llama", "qwen2")  # HF config.model_type values this converter writes
 
@@ -33,7 +39,7 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise MedloraError("medlora export needs the gguf package: pip install gguf") from None
+        raise NotExportable("medlora export needs the gguf package: pip install gguf") from None
     return gguf
 
 
@@ -44,7 +50,7 @@ def _rope_theta(config) -> float:
     scaling = getattr(config, "rope_scaling", None) or {}
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
-        raise MedloraError(f"rope scaling {kind!r} is not supported by medlora export (only plain rope)")
+        raise NotExportable(f"rope scaling {kind!r} is not supported by medlora export (only plain rope)")
     theta = getattr(config, "rope_theta", None) or params.get("rope_theta")
     return float(theta if theta is not None else 10000.0)
 
@@ -143,23 +149,23 @@ def _pre_tokenizer(tok_json: dict) -> str:
     if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True) \
             and (parts[0].get("pattern") or {}).get("Regex") == _QWEN2_SPLIT:
         return "qwen2"
-    raise MedloraError(f"unsupported tokenizer pre-tokenizer ({'+'.join(map(str, kinds)) or 'none'}); medlora "
+    raise NotExportable(f"unsupported tokenizer pre-tokenizer ({'+'.join(map(str, kinds)) or 'none'}); medlora "
                        "export knows the SmolLM2 and Qwen2.5 tokenizers")
 
 
 def _write_tokenizer(gguf, writer, tokenizer, vocab_size: int) -> None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise MedloraError("medlora export needs a fast (tokenizer.json) tokenizer")
+        raise NotExportable("medlora export needs a fast (tokenizer.json) tokenizer")
     tok_json = json.loads(backend.to_str())
     model = tok_json.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise MedloraError(f"unsupported tokenizer ({model.get('type')}); medlora export writes byte-level BPE "
+        raise NotExportable(f"unsupported tokenizer ({model.get('type')}); medlora export writes byte-level BPE "
                            "tokenizers (SmolLM2, Qwen2.5)")
     pre = _pre_tokenizer(tok_json)
     vocab = tokenizer.get_vocab()
     if len(vocab) > vocab_size:
-        raise MedloraError(f"the tokenizer has {len(vocab)} tokens but the model only {vocab_size} embeddings")
+        raise NotExportable(f"the tokenizer has {len(vocab)} tokens but the model only {vocab_size} embeddings")
     by_id = {i: t for t, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
     T = gguf.TokenType
@@ -191,7 +197,7 @@ def _write_tokenizer(gguf, writer, tokenizer, vocab_size: int) -> None:
     writer.add_add_eos_token(ids["eos"] is not None and len(probe) > 1 and probe[-1] == ids["eos"])
     template = tokenizer.chat_template
     if not isinstance(template, str):
-        raise MedloraError("medlora export needs the tokenizer's chat template (one template string)")
+        raise NotExportable("medlora export needs the tokenizer's chat template (one template string)")
     writer.add_chat_template(template)
 
 
@@ -206,9 +212,9 @@ def write_gguf(model, tokenizer, out: Path, quant: str = DEFAULT_QUANT, name: st
     config = model.config
     arch = getattr(config, "model_type", None)
     if arch not in ARCHITECTURES:
-        raise MedloraError(f"medlora export supports {' and '.join(ARCHITECTURES)} models, not {arch!r}")
+        raise NotExportable(f"medlora export supports {' and '.join(ARCHITECTURES)} models, not {arch!r}")
     if getattr(config, "use_sliding_window", False):
-        raise MedloraError("sliding-window attention is not supported by medlora export")
+        raise NotExportable("sliding-window attention is not supported by medlora export")
     model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
     names = gguf.get_tensor_name_map(model_arch, int(config.num_hidden_layers))
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
@@ -227,7 +233,7 @@ def write_gguf(model, tokenizer, out: Path, quant: str = DEFAULT_QUANT, name: st
         for hf_name, a in tqdm(hf_tensors, desc=f"converting to {quant}", unit="tensor", disable=not progress):
             gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
-                raise MedloraError(f"cannot map tensor {hf_name} to a GGUF name")
+                raise NotExportable(f"cannot map tensor {hf_name} to a GGUF name")
             data, raw_dtype = _encode_tensor(gguf, gguf_name, a, quant)
             writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
@@ -283,7 +289,8 @@ def write_modelfile(gguf_path: Path, tokenizer, system_prompt: str) -> Path:
 # ---------------------------------------------------------------- what to export
 
 def export(target: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | None = None,
-           trust_remote_code: bool = False, progress: bool = True, modelfile: bool = True) -> Path:
+           trust_remote_code: bool = False, progress: bool = True, modelfile: bool = True,
+           announce: str | None = None) -> Path:
     """Export a run folder (its adapter merged in memory), its merged_model/ or any HF model folder. Default
     output: RUN/export/RUN-QUANT.gguf (for a plain model folder, FOLDER/export/FOLDER-QUANT.gguf)."""
     from ..model import load_model, load_run_model, load_tokenizer
@@ -306,6 +313,8 @@ def export(target: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | 
             prompt = home.system_prompt() or prompt
     else:
         raise run.not_a_run(" nor a model folder (no config.json)")
+    if announce:  # once the model has loaded: a model that cannot load reports that alone, in one line
+        log(announce)
     name = home.path.resolve().name
     out = Path(output) if output else home.path / EXPORT / f"{name}-{quant}.gguf"
     if out.is_dir():
@@ -337,7 +346,7 @@ def cached_export(target: str | Path | None, quant: str = DEFAULT_QUANT, model: 
             raise MedloraError("give a run folder or --model")
         folder = Path(resolve_model(model))
         if not (folder / "config.json").is_file():
-            raise MedloraError(f"{model}: not a local model folder, cannot export it to GGUF")
+            raise NotExportable(f"{model}: not a local model folder, cannot export it to GGUF")
     else:
         folder = Path(target)
         run = RunDir(folder.parent if RunDir.is_merged_model(folder) else folder)
@@ -345,13 +354,13 @@ def cached_export(target: str | Path | None, quant: str = DEFAULT_QUANT, model: 
             name = run.path.resolve().name
             out = run.path / EXPORT / f"{name}-{quant}.gguf"
             if not out.is_file() or out.stat().st_mtime < _newest_mtime(run.adapter_dir):
-                log(f"exporting {run.path} to {out} for llama.cpp (once; `medlora export` writes the same file)")
-                export(run.path, quant, out, trust_remote_code)
+                export(run.path, quant, out, trust_remote_code, announce=f"exporting {run.path} to {out} for "
+                       "llama.cpp (once; `medlora export` writes the same file)")
             return out
     resolved = folder.resolve()
     digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:10]
     out = cache_dir() / "gguf" / f"{resolved.name}-{digest}-{quant}.gguf"
     if not out.is_file() or out.stat().st_mtime < _newest_mtime(resolved):
-        log(f"exporting {resolved} to {out} for llama.cpp (once)")
-        export(resolved, quant, out, trust_remote_code, modelfile=False)
+        export(resolved, quant, out, trust_remote_code, modelfile=False,
+               announce=f"exporting {resolved} to {out} for llama.cpp (once)")
     return out

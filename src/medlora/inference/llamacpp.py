@@ -52,7 +52,9 @@ def request_body(messages: list[dict], params: GenerationParams, n_ctx: int = DE
     params.validate()
     body = {"messages": messages, "stream": True, "stream_options": {"include_usage": True},
             "n_predict": params.max_new_tokens, "max_tokens": params.max_new_tokens,
-            "repeat_penalty": params.repetition_penalty or 1.0, "repeat_last_n": n_ctx}
+            "repeat_penalty": params.repetition_penalty or 1.0, "repeat_last_n": n_ctx,
+            "cache_prompt": False}  # reusing an earlier prompt's KV cache changes the arithmetic slightly, so a
+    # greedy answer would depend on what was asked before; re-reading the prompt keeps it the same every time
     if params.do_sample:
         body.update(temperature=params.temperature if params.temperature is not None else 1.0,
                     top_p=params.top_p if params.top_p is not None else 1.0, top_k=HF_DEFAULT_TOP_K, min_p=0.0)

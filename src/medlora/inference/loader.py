@@ -34,21 +34,55 @@ def _system_prompt(target: str | None) -> str:
     return run.system_prompt() or DEFAULT_SYSTEM_PROMPT
 
 
+class LlamaCppUnavailable(MedloraError):
+    """llama.cpp cannot answer for this model here (no binding, a model the converter does not write, a GGUF it
+    cannot load): ``auto`` falls back to transformers. Other errors (a damaged adapter, a model needing
+    --trust_remote_code) are the user's to fix, whichever backend, and are raised as they are."""
+
+
 def _llamacpp(target: str | None, model: str | None, threads: int | None, trust_remote_code: bool,
               quant: str, description: str):
-    from ..export.gguf import cached_export
+    from ..export.gguf import NotExportable, cached_export
     from .llamacpp import load_llamacpp_backend
 
     if target is not None and model is not None:
-        raise MedloraError("--model with a run folder (another base model) needs --backend hf")
-    gguf = cached_export(target, quant, model, trust_remote_code)
-    backend = load_llamacpp_backend(gguf, _system_prompt(target), threads)
+        raise LlamaCppUnavailable("--model with a run folder (another base model) needs --backend hf")
+    try:
+        import xllamacpp  # noqa: F401 - checked before an export that would be of no use
+    except ImportError:
+        raise LlamaCppUnavailable("the llama.cpp backend needs the xllamacpp package: pip install xllamacpp") from None
+    try:
+        gguf = cached_export(target, quant, model, trust_remote_code)
+    except NotExportable as e:
+        raise LlamaCppUnavailable(str(e)) from None
+    try:
+        backend = load_llamacpp_backend(gguf, _system_prompt(target), threads)
+    except MedloraError as e:
+        raise LlamaCppUnavailable(str(e)) from None
     backend.description = f"{description} (llama.cpp {quant}, {backend.threads} thread" \
                           f"{'s' if backend.threads > 1 else ''})"
     return backend
 
 
-def _fallback(backend: str, target, model, e: MedloraError) -> None:
+def check_target(target: str | None, model: str | None) -> None:
+    """Errors about what to load are the user's to fix, whichever backend: raise them before trying llama.cpp
+    (its failure would otherwise read as "llama.cpp is not available" before the same error from hf)."""
+    from ..model import resolve_model
+
+    if target is None:
+        if model is None:
+            raise MedloraError("give a run folder or --model")
+        resolve_model(model)
+        return
+    path = Path(target)
+    if not path.exists():
+        raise MedloraError(f"{path}: no such folder")
+    run = RunDir(path)
+    if not run.is_finished_run() and not (path / "config.json").is_file():
+        raise run.not_a_run(" nor a model folder (no config.json)")
+
+
+def _fallback(backend: str, target, model, e: LlamaCppUnavailable) -> None:
     if backend == "llamacpp":
         raise e
     if target is not None and model is not None:
@@ -70,11 +104,12 @@ def open_backend(target: str | None, model: str | None = None, backend: str = "a
         from .llamacpp import load_llamacpp_backend
 
         return load_llamacpp_backend(target, None, threads)
+    check_target(target, model)
     if backend != "hf":
         try:
             return _llamacpp(target, model, threads, trust_remote_code, quant or DEFAULT_QUANT,
                              str(target) if target else f"base model {model}")
-        except MedloraError as e:
+        except LlamaCppUnavailable as e:
             _fallback(backend, target, model, e)
     return load_backend(target, model, trust_remote_code, merge=True)
 
@@ -117,12 +152,12 @@ def open_eval_generator(run_dir: str, model: str | None, backend: str, hf_backen
         q = quant or DEFAULT_QUANT
         try:
             if model is not None:
-                raise MedloraError("--model with a run folder (another base model) needs --backend hf")
+                raise LlamaCppUnavailable("--model with a run folder (another base model) needs --backend hf")
             base_name = RunDir(run_dir).read_config_raw().get("model")
             tuned = _llamacpp(run_dir, None, threads, trust_remote_code, q, str(run_dir))
             base = _llamacpp(None, base_name, tuned.threads, trust_remote_code, q, f"base model {base_name}")
             base.system_prompt = tuned.system_prompt  # both answer under the run's system prompt
             return LlamaCppPair(base, tuned)
-        except MedloraError as e:
+        except LlamaCppUnavailable as e:
             _fallback(backend, run_dir, model, e)
     return hf_backend
