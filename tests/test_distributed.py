@@ -68,6 +68,25 @@ def test_accumulation_that_does_not_divide_is_one_line(sample_csv, tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
+def test_two_processes_train_what_one_process_trains(reference, sample_csv, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "medlora", "train", *recipe(sample_csv, tiny_model_dir),
+                           "--output_dir", str(out), "--nproc", "2"],
+                          capture_output=True, text=True, timeout=300, env=env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(out)
+    assert "training in 2 processes with 1 thread each" in proc.stderr
+    assert_same_run(out, reference)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["processes"] == 2 and info["torch_threads"] == 1
+    # each rank saved its RNG state into the checkpoint before rank 0 marked it complete
+    last = out / f"checkpoint-{STEPS}"
+    complete = json.loads((last / "medlora_complete.json").read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(complete)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # one run folder, nothing beside it
+    assert not (out / ".medlora-lock").exists()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
