@@ -122,7 +122,9 @@ def cmd_train(args) -> int:
             raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
         load_qa_csv(cfg.data)  # a bad CSV fails here in a second, not in N processes after torch has loaded
         resolve_model(cfg.model)  # the bundled model is converted once, before the workers need it
-        threads = cfg.num_threads or max(1, (os.cpu_count() or 1) // cfg.nproc)
+        from .cpu import usable_cpus
+
+        threads = cfg.num_threads or max(1, usable_cpus() // cfg.nproc)
         return distributed.launch(cfg.nproc, threads, args.argv, args.resume)
     run(cfg, resume=args.resume)
     return 0

@@ -62,7 +62,7 @@ class TrainConfig:
     # "auto": off (faster: no recomputed forward) when the activations fit in free RAM, on otherwise
     gradient_checkpointing: str = "auto"
     dataloader_num_workers: int = 0
-    num_threads: int | None = None  # None: os.cpu_count(), divided by the processes on this machine
+    num_threads: int | None = None  # None: the usable CPUs, divided by the processes on this machine
     # training processes on this machine (torch.distributed, gloo); gradient_accumulation_steps is divided between
     # them, so the effective batch stays the same
     nproc: int = 1

@@ -6,6 +6,7 @@ gradient checkpointing is chosen from the RAM that is free once the model is loa
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,15 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset), not the machine's
+    count, so a process pinned to some cores does not start a thread for every core and fight itself."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def cpu_has_native_bf16() -> bool:

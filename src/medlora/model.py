@@ -55,8 +55,14 @@ def smollm2_folder() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # atomic: a half-written cache is never picked up
+    if target.exists() and not (target / "model.safetensors").is_file():
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete folder from an older version
+    try:
+        tmp.rename(target)  # atomic: a half-written cache is never picked up
+    except OSError:  # another process converted it at the same time and got there first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "model.safetensors").is_file():
+            raise
     return target
 
 

@@ -20,6 +20,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
+from ..cpu import usable_cpus
 from ..errors import MedloraError
 from ..prompts import DEFAULT_SYSTEM_PROMPT
 from .backend import GenerationParams, TextStream
@@ -34,10 +35,7 @@ def default_threads() -> int:
     llama.cpp's OpenMP threads spin while they wait for each other: one more thread than there are free cores
     and every token waits on a descheduled thread (measured, 2 cores with one busy: 2 threads 0.4-0.7 tokens/s,
     1 thread 40). Setting OMP_WAIT_POLICY=passive before the process starts also avoids that (34 tokens/s)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
+    n = usable_cpus()
     try:
         busy = int(os.getloadavg()[0])
     except (AttributeError, OSError):

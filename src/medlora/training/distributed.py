@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import check_divides
+from ..cpu import usable_cpus
 from ..errors import log
 from ..rundir import crash_point
 from .callbacks import CheckpointGuard
@@ -76,7 +77,7 @@ def active() -> bool:
 def threads_per_process(num_threads: int | None) -> int:
     """The machine's cores split between the processes on it (--num_threads wins): two processes each using every
     core would fight over them and run slower than one."""
-    return num_threads or max(1, (os.cpu_count() or 1) // local_world_size())
+    return num_threads or max(1, usable_cpus() // local_world_size())
 
 
 def setup(num_threads: int | None, gradient_accumulation_steps: int) -> bool:
