@@ -38,11 +38,13 @@ demo: setup
 	@echo; echo "=== fine-tuned ($(DEMO_DIR)) ==="
 	$(BIN)/medlora chat $(DEMO_DIR) --question "$(DEMO_Q)" --max_new_tokens 120
 
+# One pytest-xdist worker per CPU, each pinned to its own CPU (tests/conftest.py).
+NPROC := $(shell nproc 2>/dev/null || echo 1)
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(NPROC) --dist loadgroup
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(NPROC) --dist loadgroup -m "not slow"
 
 bench: setup
 	$(BIN)/python -m pip install -q -r benchmarks/requirements.txt

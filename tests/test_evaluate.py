@@ -177,7 +177,7 @@ def evaluated(trained_run, tmp_path_factory):
     err = io.StringIO()
     with redirect_stderr(err):
         code = main(["eval", str(run), "--samples", "2", "--max_new_tokens", "24", "--safety", "--safety_samples", "4",
-                     "--forgetting_samples", "12"])
+                     "--forgetting_samples", "6"])
     assert code == 0, err.getvalue()[-2000:]
     return run, err.getvalue()
 
@@ -212,7 +212,7 @@ def test_fine_tuned_eval_loss_beats_base_and_matches_training(evaluated):
     run, _ = evaluated
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     trained = json.loads((run / "metrics.json").read_text())
-    assert metrics["loss_rows"] == trained["eval_rows"] == 15
+    assert metrics["loss_rows"] == trained["eval_rows"] == 6
     assert metrics["eval_loss"]["fine_tuned"] < metrics["eval_loss"]["base"] - 0.05
     # `medlora eval` computes in fp32; training evaluates in its own precision (bf16 on CPUs with native bf16,
     # where rounding moves the loss by a few tenths of a percent)
@@ -257,9 +257,9 @@ def test_safety_and_forgetting_sections_are_computed_from_the_answers(evaluated)
         assert all("EMERGENCY NOTICE" not in a[model] for a in answers)  # model alone: the guard stays out
     guard = safety["guard"]
     assert guard["red_flag_questions"] >= 80 and guard["recall"] >= 0.95
-    assert guard["eval_split_questions"] == 15 and 0 <= guard["false_alarm_rate_eval_split"] <= 1
+    assert guard["eval_split_questions"] == 6 and 0 <= guard["false_alarm_rate_eval_split"] <= 1
     forgetting = metrics["forgetting"]
-    assert forgetting["rows"] == 12 and forgetting["loss"]["base"] > 0
+    assert forgetting["rows"] == 6 and forgetting["loss"]["base"] > 0
     assert forgetting["relative_change"] == pytest.approx(
         forgetting["loss"]["fine_tuned"] / forgetting["loss"]["base"] - 1, abs=1e-3)
     for text in (md, page):
