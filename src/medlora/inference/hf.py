@@ -106,31 +106,41 @@ class HFBackend:
         return {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
 
 
+def check_target(target: str | None, model: str | None) -> str | None:
+    """The errors about what to load, the user's to fix whichever backend answers (the llama.cpp path raises them
+    before exporting, or its failure would read as "llama.cpp is not available"). With ``target`` None, returns
+    the base model's resolved source."""
+    if target is None:
+        if model is None:
+            raise MedloraError("give a run folder or --model")
+        return resolve_model(model)
+    path = Path(target)
+    if not path.exists():
+        raise MedloraError(f"{path}: no such folder")
+    run = RunDir(path)
+    if not run.is_finished_run() and not (path / "config.json").is_file():
+        raise run.not_a_run(" nor a model folder (no config.json)")
+    return None
+
+
 def load_backend(target: str | None = None, model: str | None = None, trust_remote_code: bool = False,
                  merge: bool = False) -> HFBackend:
     """A run folder (its adapter on its base model; ``model`` overrides the base), a merged or plain HF model
     folder, or, with ``target`` None, the base model ``model`` by name. ``merge``: fold a run's adapter into
     the weights for good (chat: faster; eval keeps it separate to answer as the base model too)."""
+    source = check_target(target, model)
     if target is None:
-        if model is None:
-            raise MedloraError("give a run folder or --model")
-        source = resolve_model(model)
         return HFBackend(load_model(source, trust_remote_code), load_tokenizer(source, trust_remote_code),
                          DEFAULT_SYSTEM_PROMPT, f"base model {model}")
-    path = Path(target)
-    if not path.exists():
-        raise MedloraError(f"{path}: no such folder")
-    run = RunDir(path)
+    path, run = Path(target), RunDir(Path(target))
     if run.is_finished_run():
         peft_model, tok, base_name = load_run_model(run, model, trust_remote_code)
         if merge:
             peft_model = peft_model.merge_and_unload()
         return HFBackend(peft_model, tok, run.system_prompt() or DEFAULT_SYSTEM_PROMPT,
                          f"{path} (adapter {'merged into' if merge else 'on'} {base_name})")
-    if (path / "config.json").is_file():  # merged_model/ or any HF folder
-        prompt = DEFAULT_SYSTEM_PROMPT
-        if RunDir.is_merged_model(path):
-            prompt = RunDir(path.parent).system_prompt() or prompt
-        return HFBackend(load_model(str(path), trust_remote_code), load_tokenizer(str(path), trust_remote_code),
-                         prompt, str(path))
-    raise run.not_a_run(" nor a model folder (no config.json)")
+    prompt = DEFAULT_SYSTEM_PROMPT  # merged_model/ or any HF folder (check_target saw its config.json)
+    if RunDir.is_merged_model(path):
+        prompt = RunDir(path.parent).system_prompt() or prompt
+    return HFBackend(load_model(str(path), trust_remote_code), load_tokenizer(str(path), trust_remote_code),
+                     prompt, str(path))

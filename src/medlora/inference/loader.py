@@ -64,24 +64,6 @@ def _llamacpp(target: str | None, model: str | None, threads: int | None, trust_
     return backend
 
 
-def check_target(target: str | None, model: str | None) -> None:
-    """Errors about what to load are the user's to fix, whichever backend: raise them before trying llama.cpp
-    (its failure would otherwise read as "llama.cpp is not available" before the same error from hf)."""
-    from ..model import resolve_model
-
-    if target is None:
-        if model is None:
-            raise MedloraError("give a run folder or --model")
-        resolve_model(model)
-        return
-    path = Path(target)
-    if not path.exists():
-        raise MedloraError(f"{path}: no such folder")
-    run = RunDir(path)
-    if not run.is_finished_run() and not (path / "config.json").is_file():
-        raise run.not_a_run(" nor a model folder (no config.json)")
-
-
 def _fallback(backend: str, target, model, e: LlamaCppUnavailable) -> None:
     if backend == "llamacpp":
         raise e
@@ -95,7 +77,7 @@ def open_backend(target: str | None, model: str | None = None, backend: str = "a
     """One model to chat with: a run folder, its merged model, any HF model folder, or (``target`` None) the
     base model ``model`` by name; a ``.gguf`` file runs in llama.cpp as it is."""
     from ..export.gguf import DEFAULT_QUANT
-    from .hf import load_backend
+    from .hf import check_target, load_backend
 
     check_backend_choice(backend, threads)
     if target is not None and str(target).endswith(".gguf"):
