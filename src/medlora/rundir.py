@@ -272,6 +272,16 @@ class RunDir:
     def read_info(self) -> dict:
         return read_json(self.info_file)
 
+    def data_path(self, cfg) -> Path:
+        """The training CSV: config.yaml's path (as given), else run_info.json's absolute one."""
+        info = self.read_info()
+        for candidate in (cfg.data, info.get("data")):
+            if candidate and Path(candidate).is_file():
+                return Path(candidate)
+        what = f"the run's data file {cfg.data} is not found" if cfg.data else f"{CONFIG} names no data file"
+        raise MedloraError(f"{what}; pass --data FILE.csv (the same file reproduces the run's split, "
+                           "any other is evaluated whole)")
+
     def write_info(self, info: dict) -> None:
         write_json_atomic(self.info_file, info)
 

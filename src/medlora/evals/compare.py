@@ -24,7 +24,7 @@ from ..inference.backend import preset
 from ..inference.guard import GuardedBackend, without_notice
 from ..inference.hf import load_backend
 from ..inference.loader import check_backend_choice, open_eval_generator
-from ..rundir import CONFIG, RUN_INFO, RunDir, file_sha256
+from ..rundir import RUN_INFO, RunDir, file_sha256
 from .report import LABELS, MODELS, ROUGE_CAVEAT, write_report
 from .safety_check import DATA_DIR, safety_check
 # Heuristic thresholds for the specification's "train >> eval" and "both low" readings of ROUGE-L F1.
@@ -63,22 +63,12 @@ class Rows:
     questions: list[str]             # every eval question (the whole eval split, or the other CSV)
 
 
-def run_data_path(cfg: TrainConfig, info: dict) -> Path:
-    """The training CSV: config.yaml's path (as given), else run_info.json's absolute one."""
-    for candidate in (cfg.data, info.get("data")):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    what = f"the run's data file {cfg.data} is not found" if cfg.data else f"{CONFIG} names no data file"
-    raise MedloraError(f"{what}; pass --data FILE.csv (the same file reproduces the run's split, "
-                       "any other is evaluated whole)")
-
-
 def select_rows(cfg: TrainConfig, run: RunDir, data: str | None, samples: int,
                 max_eval_samples: int | None) -> Rows:
     """The run's split, reproduced from its saved file, test_size and seed; or another CSV, whole."""
     info = run.read_info()
     expected = info.get("data_sha256")
-    path = Path(data) if data else run_data_path(cfg, info)
+    path = Path(data) if data else run.data_path(cfg)
     df, _ = load_qa_csv(path)
     digest = file_sha256(path) if expected else None
     if data is None or (expected and digest == expected):  # the run's own file, possibly moved: its split
