@@ -140,10 +140,11 @@ def test_tensor_values_llama_permutes_q_and_k(tiny_export):
 
 def test_q4_0_keeps_embeddings_in_q8_0_and_norms_in_f32(tiny_model_dir, tmp_path):
     """Types chosen per tensor (q8_0 is checked on SmolLM2 below: it loads in llama.cpp and answers like
-    transformers); the q4_0 file loads and runs in llama.cpp."""
+    transformers): q4_0 keeps the embedding, attn_v and the first and last ffn_down in q8_0; the q4_0 file,
+    calibrated or not, loads and runs in llama.cpp."""
     import numpy as np
 
-    from medlora.export.gguf import _encode_tensor
+    from medlora.export.gguf import _encode_tensor, activation_importance, calibration_tokens
     from medlora.inference.llamacpp import load_llamacpp_backend
 
     Q = gguf.GGMLQuantizationType
@@ -151,17 +152,77 @@ def test_q4_0_keeps_embeddings_in_q8_0_and_norms_in_f32(tiny_model_dir, tmp_path
     assert _encode_tensor(gguf, "blk.0.ffn_up.weight", weight, "q4_0")[1] == Q.Q4_0
     assert _encode_tensor(gguf, "token_embd.weight", weight, "q4_0")[1] == Q.Q8_0
     assert _encode_tensor(gguf, "blk.0.ffn_up.weight", weight, "q8_0")[1] == Q.Q8_0
+    for name, kept in [("blk.3.attn_v.weight", True), ("blk.3.attn_k.weight", False), ("blk.0.ffn_down.weight", True),
+                       ("blk.1.ffn_down.weight", False), ("blk.11.ffn_down.weight", True)]:
+        assert _encode_tensor(gguf, name, weight, "q4_0", n_layers=12)[1] == (Q.Q8_0 if kept else Q.Q4_0), name
     assert _encode_tensor(gguf, "blk.0.attn_norm.weight", norm, "q4_0")[0].dtype == np.float32
     assert _encode_tensor(gguf, "blk.0.ffn_up.weight", weight, "f16")[0].dtype == np.float16
     odd = _encode_tensor(gguf, "blk.0.ffn_up.weight", np.ones((8, 40), np.float32), "q4_0")  # 40: not whole blocks
     assert odd[1] is None and odd[0].dtype == np.float16
+    weighted = _encode_tensor(gguf, "blk.0.ffn_up.weight", weight, "q4_0", np.ones(64, np.float32))
+    assert weighted[1] == Q.Q4_0 and weighted[0].shape == gguf.quants.quantize(weight, Q.Q4_0).shape
 
     model, tok = _tiny("llama", tiny_model_dir, std=0.02)
     path = write_gguf(model, tok, tmp_path / "m.gguf", "q4_0", progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no .tmp left behind
-    stream = load_llamacpp_backend(path, threads=1).stream(QUESTION, preset("greedy", max_new_tokens=2))
-    stream.text()
-    assert stream.completion_tokens >= 1
+    tokens, source = calibration_tokens(None, tok, rows=2)  # no run: the bundled sample
+    assert len(tokens) == 2 and "sample_medical_qa.csv" in source
+    importance = activation_importance(model, tokens)
+    assert set(importance) == {n for n, _ in model.named_parameters() if n.endswith("proj.weight")}
+    assert importance["model.layers.0.mlp.down_proj.weight"].shape == (128,)
+    calibrated = write_gguf(model, tok, tmp_path / "c.gguf", "q4_0", progress=False, importance=importance)
+    assert _read(calibrated)[1]["blk.0.ffn_up.weight"] == ((64, 128), "Q4_0")
+    assert _read(calibrated)[2]["blk.0.ffn_up.weight"].tobytes() != _read(path)[2]["blk.0.ffn_up.weight"].tobytes()
+    for gguf_file in (path, calibrated):
+        stream = load_llamacpp_backend(gguf_file, threads=1).stream(QUESTION, preset("greedy", max_new_tokens=2))
+        stream.text()
+        assert stream.completion_tokens >= 1
+
+
+def test_q4_0_weighted_blocks_follow_llamacpp():
+    """The q4_0 block layout written by hand is gguf's (byte for byte with the same scale and codes), and the
+    importance-weighted blocks are those of llama.cpp's make_qx_quants (per block, over the same candidate
+    scales), with less weighted error than round-to-nearest."""
+    import numpy as np
+
+    from medlora.export.gguf import _Q4_0_STEPS, _pack_q4_0, _q4_0_weighted
+
+    Q4_0 = gguf.GGMLQuantizationType.Q4_0
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal((48, 128)) * 0.05).astype(np.float32)
+    a[3, 32:64] = 0  # an all-zero block
+    a[5, :32] += 0.03  # a block off centre, as Q4_1-born weights are
+    importance = rng.gamma(0.5, 1.0, 128).astype(np.float32)
+
+    x = a.reshape(-1, 32)  # gguf's own round-to-nearest, rebuilt: scale max/-8, codes trunc(x/d + 8.5)
+    d = np.take_along_axis(x, np.abs(x).argmax(1)[:, None], 1)[:, 0] / -8
+    q = np.trunc(x / np.where(d == 0, 1, d)[:, None] + np.float32(8.5)).clip(0, 15)
+    reference = gguf.quants.quantize(a, Q4_0)
+    assert np.array_equal(_pack_q4_0(d, q).reshape(reference.shape), reference)
+
+    got = _q4_0_weighted(a, importance)
+    assert got.shape == reference.shape and got.dtype == np.uint8
+    sigma2 = (a * a).mean(1, keepdims=True)
+    weights = importance[None, :] * np.sqrt(sigma2 + a * a)
+    want = []
+    for xb, wb in zip(a.reshape(-1, 32), weights.reshape(-1, 32)):  # make_qx_quants, one block at a time
+        mx, best, scale, codes = xb[np.abs(xb).argmax()], 0.0, 0.0, np.zeros(32)
+        for step in (_Q4_0_STEPS if mx != 0 else ()):
+            lq = np.clip(np.rint(xb * (np.float32(-(8 + step)) / mx)), -8, 7)
+            sumlx, suml2 = float((wb * xb * lq).sum()), float((wb * lq * lq).sum())
+            if suml2 > 0 and sumlx * sumlx > best * suml2:
+                scale, best, codes = sumlx / suml2, sumlx * sumlx / suml2, lq
+        want.append(_pack_q4_0(np.float32([scale]), codes[None] + 8)[0])
+    want = np.array(want).reshape(got.shape)
+
+    def block_errors(b):
+        return (weights * (gguf.quants.dequantize(b, Q4_0).reshape(a.shape) - a) ** 2).reshape(-1, 32).sum(1)
+
+    same = np.all(got.reshape(-1, 18) == want.reshape(-1, 18), axis=1)
+    assert same.mean() >= 0.95  # the others: near ties between two candidates, summed in another order
+    assert np.all(block_errors(got) <= block_errors(want) * 1.001)
+    assert np.all(gguf.quants.dequantize(got, Q4_0).reshape(a.shape)[3, 32:64] == 0)
+    assert block_errors(got).sum() < 0.9 * block_errors(reference).sum()
 
 
 def test_unsupported_architecture_is_one_line(tmp_path, tiny_model_dir):
@@ -295,9 +356,9 @@ QUESTIONS = ["What are the symptoms of anemia?", "How is high blood pressure tre
 def test_fine_tuned_run_in_llamacpp_answers_and_scores_like_transformers(trained_run, tmp_path):
     """On a fine-tuned SmolLM2 run: f16 greedy answers equal transformers' fp32 answers for 32 tokens on at least
     4 of 5 questions; teacher-forced answer loss on the run's eval rows within 1% of transformers' for q8_0
-    (measured 0.2%). q4_0 is bounded at 15%: measured 9.5-10% on this model, whose published weights are already
-    4-bit (Q4_1), so a q4_0 export quantizes them a second time onto another grid (q4_1 measured 4.1%, q5_0
-    1.9%); the goal of 5% for q4_0 is not met on it."""
+    (measured +0.23%) and within 5% for q4_0 (measured +3.1%: importance-weighted blocks calibrated on 8 of the
+    run's training rows, attn_v and the first and last ffn_down in q8_0; plain round-to-nearest q4_0 measured
+    +10.1% on this run, whose base weights are already 4-bit Q4_1 and are quantized a second time)."""
     from medlora.data import encode_frame
     from medlora.evals.compare import select_rows
     from medlora.inference.hf import load_backend
@@ -326,7 +387,7 @@ def test_fine_tuned_run_in_llamacpp_answers_and_scores_like_transformers(trained
     examples = encode_frame(tok, rows, cfg.system_prompt, cfg.max_seq_len).examples
     assert len(examples) == 5
     hf_loss = sum(_hf_losses(model, examples)) / 5
-    for quant, tolerance in (("q8_0", 0.01), ("q4_0", 0.15)):
+    for quant, tolerance in (("q8_0", 0.01), ("q4_0", 0.05)):
         backend = load_llamacpp_backend(export(trained_run, quant, output=tmp_path / f"run-{quant}.gguf",
                                                progress=False))
         cpp_loss = sum(_cpp_losses(backend, examples)) / 5

@@ -312,7 +312,8 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run folder (its adapter is merged in memory), its merged model, or an HF model "
                                    "folder (llama or qwen2)")
     p.add_argument("--quant", choices=QUANTS, default=DEFAULT_QUANT,
-                   help="weight format: f16, q8_0 (default) or q4_0; norms and biases stay f32")
+                   help="weight format: f16, q8_0 (default) or q4_0 (calibrated on 8 of the run's training rows, its "
+                        "most sensitive tensors kept q8_0); norms and biases stay f32")
     p.add_argument("--output", metavar="FILE",
                    help=f"the .gguf to write (default: RUN_DIR/{EXPORT}/NAME-QUANT.gguf); a {MODELFILE} "
                         "for Ollama is written beside it")
