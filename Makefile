@@ -41,10 +41,10 @@ demo: setup
 # One pytest-xdist worker per CPU, each pinned to its own CPU (tests/conftest.py).
 NPROC := $(shell nproc 2>/dev/null || echo 1)
 test: setup
-	$(BIN)/python -m pytest -n $(NPROC) --dist loadgroup
+	$(BIN)/python -m pytest -n $(NPROC)
 
 test-fast: setup
-	$(BIN)/python -m pytest -n $(NPROC) --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -n $(NPROC) -m "not slow"
 
 bench: setup
 	$(BIN)/python -m pip install -q -r benchmarks/requirements.txt

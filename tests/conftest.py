@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# `make test` runs the suite in one pytest-xdist worker per CPU (`-n $(nproc) --dist loadgroup`). Each worker is
+# `make test` runs the suite in one pytest-xdist worker per CPU (`-n $(nproc)`). Each worker is
 # pinned to its own CPU before torch loads, and the processes it starts inherit the pin: every thread count
 # medlora and llama.cpp choose follows the affinity mask (medlora.cpu.usable_cpus), so two workers never fight
 # over a core (llama.cpp's threads spin while they wait: one extra thread on a busy core costs it 50x).
@@ -105,21 +105,10 @@ def trained_run(tmp_path_factory, sample_csv, smol_dir):
     return out
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Under xdist: the tests that share the trained SmolLM2 run go to one worker (the run is built once), the
-    rest file by file (a module's server or run is built once), the long shared-run group first."""
-    if not getattr(config.option, "dist", "no") == "loadgroup":
-        return
-    for item in items:
-        shared = "trained_run" in item.fixturenames
-        item.add_marker(pytest.mark.xdist_group("trained_run" if shared else item.module.__name__))
-    items.sort(key=lambda item: "trained_run" not in item.fixturenames)  # stable: files keep their order
-
-
 def pytest_configure(config):
     """Under xdist, the bundled model is converted to its cached HF folder once, here, before the workers start."""
     if getattr(config.option, "numprocesses", None) and not WORKER:
         from medlora.model import smollm2_folder
 
         smollm2_folder()
+
