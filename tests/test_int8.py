@@ -14,8 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from medlora.training.int8 import (Int8Linear, frozen_int8_parameters, int8_available, parameter_counts,
-                                   quantize_frozen_linears)
+import medlora.training.int8 as int8_module
+from medlora.training.int8 import (DropoutLoraA, Int8Linear, PackedInt8, _DropoutMatmul, _SwiGLUDownA,
+                                   frozen_int8_parameters, int8_available, lighten_activations, parameter_counts,
+                                   quantize_frozen_linears, quantize_rows)
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="this torch build has no oneDNN int8 linear")
 
@@ -72,13 +74,128 @@ def test_no_gradient_reaches_the_int8_weights():
     assert not q(torch.randn(3, 64)).requires_grad
 
 
-def peft_model(tiny_model_dir, int8: bool):
+def dequantised_product(x: torch.Tensor, w: torch.Tensor, weight_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x quantised per row to [0, 255] over its own range) @ (w quantised per row to +-weight_max)^T, in float64
+    from the dequantised values, with PackedInt8's quantisation; and |x| @ |w|^T (the size of the terms)."""
+    q, step, lo = quantize_rows(x)
+    assert q.dtype == torch.uint8 and (q.amin(dim=1) == 0).all()  # every row starts at level 0 ...
+    assert (q.amax(dim=1)[(x.amax(dim=1) > x.amin(dim=1))] == 255).all()  # ... and a non-constant one ends at 255
+    xq = q.double() * step.double() + lo.double()
+    scale = (w.abs().amax(dim=1) / weight_max).clamp_(min=torch.finfo(torch.float32).tiny)
+    wq = torch.round(w / scale[:, None]).clamp_(-weight_max, weight_max).double() * scale[:, None].double()
+    return xq @ wq.t(), xq.abs() @ wq.abs().t()
+
+
+@pytest.mark.parametrize("weight_max", [63, 127])
+def test_asymmetric_activations_are_exact_algebra(weight_max):
+    """PackedInt8 quantises each activation row over its own [min, max] around zero point 0 and adds the offset
+    term min_i * rowsum(W) afterwards: the result is the product of the dequantised operands up to fp32 rounding,
+    for skewed, constant, huge and all-negative rows, and (7-bit weights) with no 16-bit saturation in the
+    uint8 x int8 pair products of CPUs without VNNI, even when every product is at its largest."""
+    if weight_max == 127 and not int8_module.int8_without_saturation():
+        pytest.skip("8-bit weights saturate without VNNI/AMX; this CPU uses 7-bit ones")
+    torch.manual_seed(0)
+    w = torch.randn(40, 96)
+    w[0] = 1.0  # every weight of row 0 at +weight_max ...
+    x = torch.randn(8, 96)
+    x[1] = nn.functional.silu(3 * x[1]) * x[2]  # SwiGLU-like: mostly small, a long tail to one side
+    x[2] = 5.0  # constant row (step clamped, q = 0)
+    x[3] *= 1e4
+    x[4] = -x[4].abs() - 7  # all negative, far from 0
+    x[5] = 1000 + x[5] * 1e-2  # a large offset with a small range
+    x[6] = 3.0
+    x[6, 0] = -3.0  # ... against q = 255 in all but one column: the largest pair sums the kernel can see
+    packed = PackedInt8(w, weight_max)
+    ref, size = dequantised_product(x, w, weight_max)
+    out = packed.matmul(x).double()
+    assert out.shape == (8, 40) and out.dtype == torch.float64
+    assert ((out - ref).abs() <= 1e-5 * size + 1e-30).all()
+
+
+def test_asymmetric_quantisation_lowers_the_error_on_one_sided_rows():
+    """A decoder's norm outputs carry a few large channels of one sign in every token: symmetric per-row
+    quantisation spends half its levels on the empty side, the asymmetric one uses them all (activation error
+    alone, against the product with the same int8 weights)."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * 0.02
+    x = torch.randn(50, 256)
+    x[:, 7] = 20.0  # one large positive channel
+    w_deq = dequantised_product(torch.eye(256), w, 63)[0].t().float()  # the int8 weights, dequantised
+    exact = x @ w_deq.t()
+    step = x.abs().amax(dim=1, keepdim=True) / 127
+    symmetric = (torch.round(x / step).clamp_(-127, 127) * step) @ w_deq.t()
+    asymmetric = PackedInt8(w, 63).matmul(x)
+    assert rel(asymmetric, exact) < 0.7 * rel(symmetric, exact)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_swiglu_down_a_matches_autograd(p, bf16, monkeypatch):
+    """_SwiGLUDownA (silu(gate) * up and the dropped-out LoRA A projection of it, saving gate and up only)
+    against autograd on the plain expression with the same dropout draw: outputs, all three gradients, and the
+    random stream after it. fp64, so that only bf16 saving (if on) differs."""
+    monkeypatch.setattr(int8_module, "SAVE_MLP_INPUTS_BF16", bf16)
+    torch.manual_seed(0)
+    gate, up, a_w = torch.randn(2, 9, 40).double(), torch.randn(2, 9, 40).double(), torch.randn(4, 40).double()
+    g_h, g_a = torch.randn(2, 9, 40).double(), torch.randn(2, 9, 4).double()
+    results = []
+    for fused in (True, False):
+        ins = [t.clone().requires_grad_(True) for t in (gate, up, a_w)]
+        torch.manual_seed(1)
+        if fused:
+            h, a = _SwiGLUDownA.apply(*ins, p)
+        else:
+            h = nn.functional.silu(ins[0]) * ins[1]
+            a = nn.functional.linear(nn.functional.dropout(h, p, True), ins[2])
+        after = torch.rand(3)
+        (h * g_h).sum().add((a * g_a).sum()).backward()
+        results.append((h, a, *(t.grad for t in ins), after))
+    tol = 1e-2 if bf16 else 1e-12
+    for mine, ref in zip(*results):
+        assert mine.dtype == ref.dtype and rel(mine.detach(), ref.detach()) < tol
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_lora_a_matches_peft_dropout_then_a(p):
+    """_DropoutMatmul draws nn.Dropout's mask (same random stream) and keeps it as bits: same output and
+    gradients as dropout followed by the linear, without saving the dropped copy."""
+    torch.manual_seed(0)
+    x, w, g = torch.randn(3, 11, 24).double(), torch.randn(5, 24).double(), torch.randn(3, 11, 5).double()
+    results = []
+    for fused in (True, False):
+        xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        torch.manual_seed(2)
+        y = _DropoutMatmul.apply(xx, ww, p) if fused else nn.functional.linear(nn.functional.dropout(xx, p, True), ww)
+        after = torch.rand(3)
+        y.backward(g)
+        results.append((y, xx.grad, ww.grad, after))
+    for mine, ref in zip(*results):
+        assert rel(mine.detach(), ref.detach()) < 1e-12
+
+
+def saved_bytes(model, batch) -> tuple[float, int]:
+    """(loss, bytes of the distinct tensors autograd keeps for the decoder layers' backward pass) of one training
+    forward (the logits and the loss's tensors, vocabulary-wide, are left out)."""
+    storages, vocab = {}, model.get_output_embeddings().weight.shape[0]
+
+    def pack(t):
+        if t.shape and t.shape[-1] != vocab:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=batch, labels=batch)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return out.loss, sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+def peft_model(tiny_model_dir, int8: bool, dropout: float = 0.0):
     from medlora.config import TrainConfig
     from medlora.model import load_model
     from medlora.training.recipe import apply_lora
 
     torch.manual_seed(0)
-    model, _ = apply_lora(TrainConfig(lora_dropout=0.0), load_model(str(tiny_model_dir), False))
+    model, _ = apply_lora(TrainConfig(lora_dropout=dropout), load_model(str(tiny_model_dir), False))
     if int8:
         assert quantize_frozen_linears(model) == 2 * 7  # the 7 projections of the 2 decoder layers
     return model
@@ -159,3 +276,45 @@ def test_int8_training_matches_fp32_on_the_bundled_model(sample_csv, tmp_path):
     assert int8["eval_loss"] == pytest.approx(fp32["eval_loss"], rel=0.01)
     assert on_fp32_base["fp32"] == pytest.approx(fp32["eval_loss"], rel=1e-4)  # the same measurement as training's
     assert on_fp32_base["int8"] <= on_fp32_base["fp32"] * 1.01
+
+
+def test_lighter_activations_same_training_step_less_memory(tiny_model_dir):
+    """lighten_activations (what --precision int8 runs: LoRA A with its dropout folded in, the SwiGLU MLP through
+    _SwiGLUDownA) on an int8 PEFT model with LoRA dropout: same loss, gradients, random stream and adapter state
+    dict as the unchanged int8 model, an unchanged eval forward, and fewer saved activations."""
+    from peft.utils import get_peft_model_state_dict
+
+    plain, light = peft_model(tiny_model_dir, True, 0.1), peft_model(tiny_model_dir, True, 0.1)
+    assert lighten_activations(light) == {"lora_a": 14, "mlp": 2}
+    assert lighten_activations(light) == {"lora_a": 0, "mlp": 0}  # once only
+    layer = light.base_model.model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj.lora_A["default"], DropoutLoraA)
+    assert isinstance(layer.self_attn.q_proj.lora_dropout["default"], nn.Identity)
+    assert get_peft_model_state_dict(plain).keys() == get_peft_model_state_dict(light).keys()
+    assert plain.state_dict().keys() == light.state_dict().keys()
+    for model in (plain, light):  # a non-zero B, so that every path carries a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.manual_seed(len(name))
+                nn.init.normal_(param, std=0.05)
+    torch.manual_seed(3)
+    batch = torch.randint(0, 1000, (1, 40))
+    results = []
+    for model in (plain, light):
+        model.train()
+        torch.manual_seed(4)
+        loss, saved = saved_bytes(model, batch)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.item(), saved, grads, torch.rand(3)))
+    (loss0, saved0, grads0, rng0), (loss1, saved1, grads1, rng1) = results
+    assert loss1 == pytest.approx(loss0, rel=1e-5) and torch.equal(rng0, rng1)
+    assert grads0.keys() == grads1.keys() and all(g is not None for g in grads1.values())
+    # int8 rounding of the backward pass turns float-rounding differences into occasional one-level flips
+    assert all(rel(grads1[n], grads0[n]) < 0.05 for n in grads0)
+    assert saved1 < 0.6 * saved0
+    for model in (plain, light):
+        model.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=batch).logits, light(input_ids=batch).logits)
+

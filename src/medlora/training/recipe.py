@@ -28,7 +28,7 @@ from ..model import find_lora_targets, load_model, load_tokenizer, resolve_model
 from ..rundir import RunDir, check_output_location, claim_output_dir, file_sha256
 from . import distributed
 from .callbacks import CheckpointGuard, FiniteLoss, Interrupt
-from .int8 import parameter_counts, quantize_frozen_linears
+from .int8 import lighten_activations, parameter_counts, quantize_frozen_linears
 from .losses import accepts_logits_to_keep
 from .trainer import build_trainer
 
@@ -161,6 +161,7 @@ def prepare_model(cfg: TrainConfig, model, precision: str) -> tuple:
         # after LoRA is in place, so only the frozen base linears (LoRA's base_layer) turn int8; module names,
         # the adapter's state dict and checkpoints stay those of an fp32 run
         quantize_frozen_linears(model)
+        lighten_activations(model)  # same arithmetic, fewer saved activations (int8.py)
     checkpointing, why = resolve_checkpointing(cfg.gradient_checkpointing, model.config, cfg.max_seq_len,
                                                cfg.per_device_train_batch_size, precision)
     return model, targets, SpeedPlan(precision, checkpointing, why, accepts_logits_to_keep(model),
