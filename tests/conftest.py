@@ -94,14 +94,34 @@ def write(path: Path, content: str | bytes) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, sample_csv, smol_dir):
     """One real run of the bundled model on the bundled sample, shared by the slow tests: 12 steps at lr 1e-3 and
-    6 eval rows keep it short (measured: eval loss 2.10 -> 1.97), merged."""
+    6 eval rows keep it short (measured: eval loss 2.10 -> 1.97), merged. Under xdist the first worker to need it
+    trains it in the directory all workers share, under a file lock (pytest-xdist's documented recipe), and the
+    others wait for it instead of training their own."""
+    from filelock import FileLock
+
     from medlora.cli import main
 
-    out = tmp_path_factory.mktemp("runs") / "sample"
-    code = main(["train", "--data", str(sample_csv), "--model", "smollm2-135m", "--output_dir", str(out),
-                 "--max_steps", "12", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
-                 "--test_size", "0.04", "--max_eval_samples", "0", "--merge_model"])
-    assert code == 0
+    def train(out: Path) -> None:
+        code = main(["train", "--data", str(sample_csv), "--model", "smollm2-135m", "--output_dir", str(out),
+                     "--max_steps", "12", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
+                     "--test_size", "0.04", "--max_eval_samples", "0", "--merge_model"])
+        assert code == 0
+
+    if not WORKER:
+        out = tmp_path_factory.mktemp("runs") / "sample"
+        train(out)
+        return out
+    shared = tmp_path_factory.getbasetemp().parent / "shared-runs"  # the workers' common parent
+    shared.mkdir(exist_ok=True)
+    out, done = shared / "sample", shared / "sample.done"
+    with FileLock(str(shared / "sample.lock")):
+        if not done.is_file():
+            if out.exists():  # a worker that failed half-way: start again
+                import shutil
+
+                shutil.rmtree(out)
+            train(out)
+            done.touch()
     return out
 
 
