@@ -144,7 +144,8 @@ def test_q4_0_keeps_embeddings_in_q8_0_and_norms_in_f32(tiny_model_dir, tmp_path
     calibrated or not, loads and runs in llama.cpp."""
     import numpy as np
 
-    from medlora.export.gguf import _encode_tensor, activation_importance, calibration_tokens
+    from medlora.export.gguf import _encode_tensor
+    from medlora.export.q4_0 import activation_importance, calibration_tokens
     from medlora.inference.llamacpp import load_llamacpp_backend
 
     Q = gguf.GGMLQuantizationType
@@ -185,7 +186,7 @@ def test_q4_0_weighted_blocks_follow_llamacpp():
     scales), with less weighted error than round-to-nearest."""
     import numpy as np
 
-    from medlora.export.gguf import _Q4_0_STEPS, _pack_q4_0, _q4_0_weighted
+    from medlora.export.q4_0 import _Q4_0_STEPS, _pack_q4_0, q4_0_weighted
 
     Q4_0 = gguf.GGMLQuantizationType.Q4_0
     rng = np.random.default_rng(0)
@@ -200,7 +201,7 @@ def test_q4_0_weighted_blocks_follow_llamacpp():
     reference = gguf.quants.quantize(a, Q4_0)
     assert np.array_equal(_pack_q4_0(d, q).reshape(reference.shape), reference)
 
-    got = _q4_0_weighted(a, importance)
+    got = q4_0_weighted(a, importance)
     assert got.shape == reference.shape and got.dtype == np.uint8
     sigma2 = (a * a).mean(1, keepdims=True)
     weights = importance[None, :] * np.sqrt(sigma2 + a * a)
