@@ -285,8 +285,8 @@ def test_lighter_activations_same_training_step_less_memory(tiny_model_dir):
     from peft.utils import get_peft_model_state_dict
 
     plain, light = peft_model(tiny_model_dir, True, 0.1), peft_model(tiny_model_dir, True, 0.1)
-    assert lighten_activations(light) == {"lora_a": 14, "mlp": 2}
-    assert lighten_activations(light) == {"lora_a": 0, "mlp": 0}  # once only
+    assert lighten_activations(light) == {"lora_a": 14, "mlp": 2, "lora_sum": 14}
+    assert lighten_activations(light) == {"lora_a": 0, "mlp": 0, "lora_sum": 0}  # once only
     layer = light.base_model.model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj.lora_A["default"], DropoutLoraA)
     assert isinstance(layer.self_attn.q_proj.lora_dropout["default"], nn.Identity)

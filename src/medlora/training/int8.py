@@ -40,17 +40,19 @@ one-sided activations (SiLU outputs, norm outputs with a large channel of one si
 int8 run's eval loss from +1.15% over fp32 (symmetric) to -0.1%.
 
 Memory: the int8 weights take ~2.2 bytes per weight instead of 4, and :func:`lighten_activations` keeps fewer
-activations for the backward pass. What remains above half of the fp32 path's peak RSS is glibc's heap:
-measured on the Qwen2.5-1.5B architecture (one 411-token step after a 227- and a 176-token one, 2-core Zen 3),
-the int8 step peaks at 7.4 GB with glibc's defaults, of which ~1.8 GB are freed temporaries glibc keeps
-resident (``malloc_trim`` after the forward pass drops RSS from 6.6 to 4.9 GB). Returning them to the OS
-costs more time than int8 saves: every block mmapped from 128 KB (``mallopt``) peaks at 5.2 GB but the step
-takes 34 s instead of 23 s (4.7 million page faults per step); with huge pages 30.6 s; mmapping only during
-the forward pass 5.9 GB and 25.5 s; jemalloc (LD_PRELOAD) 5.2 GB and 27.6 s; a pool that copies the saved
-activations out of the heap 7.8 GB. jemalloc that never purges (``MALLOC_CONF=oversize_threshold:0,
-dirty_decay_ms:-1,muzzy_decay_ms:-1``, one purge after the model is built) peaked at 5.6 GB in 21.9 s, faster
-than glibc: the way forward, but it needs a system library preloaded before Python starts (a re-exec), which
-medlora does not do yet. So medlora leaves the allocator alone for now.
+activations and allocates fewer temporaries. Measured on the Qwen2.5-1.5B architecture (one 411-token step
+after a 227- and a 176-token one, 2-core Zen 3): the step peaked at 9.97 GB without it, 7.4 GB with the
+lighter dropout and MLP, 6.3 GB with the in-place LoRA sum as well. What remains above half of the fp32
+path's peak RSS is mostly glibc's heap keeping freed temporaries resident. These allocator experiments were
+made before the in-place sum, at the 7.4 GB stage, where ``malloc_trim`` after the forward pass dropped RSS
+from 6.6 to 4.9 GB, and returning freed blocks to the OS cost more time than int8 saves: every block mmapped
+from 128 KB (``mallopt``) peaked at 5.2 GB but the step took 34 s instead of 23 s (4.7 million page faults
+per step); with huge pages 30.6 s; mmapping only during the forward pass 5.9 GB and 25.5 s; jemalloc
+(LD_PRELOAD) 5.2 GB and 27.6 s; a pool that copies the saved activations out of the heap 7.8 GB. jemalloc
+that never purges (``MALLOC_CONF=oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1``, one purge after
+the model is built) peaked at 5.6 GB in 21.9 s, faster than glibc: the way forward, but it needs a system
+library preloaded before Python starts (a re-exec), which medlora does not do yet. So medlora leaves the
+allocator alone for now.
 
 Without VNNI (AVX2-only CPUs such as Zen 3), oneDNN multiplies uint8 x int8 with ``vpmaddubsw``, which adds
 pairs of products into int16 and saturates (255 x 127 x 2 > 32767; measured: a worst-case product came
@@ -324,7 +326,25 @@ def _light_swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
     p = lora_a.p if isinstance(lora_a, DropoutLoraA) else getattr(down.lora_dropout[name], "p", 0.0)
     h, a = _SwiGLUDownA.apply(gate, up, lora_a.weight, p if lora_a.training else 0.0)
     out = down.base_layer(h)
-    return (out + lora_b(a) * down.scaling[name]).to(out.dtype)
+    if lora_b.bias is not None:
+        return (out + lora_b(a) * down.scaling[name]).to(out.dtype)
+    out.view(-1, out.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), lora_b.weight.t(), alpha=down.scaling[name])
+    return out  # the LoRA product added in place, as in _light_lora_forward
+
+
+def _light_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A PEFT LoRA Linear over an Int8Linear while training: the LoRA product is accumulated into the base
+    layer's output in place (one ``addmm_``) instead of PEFT's ``result + lora_B(lora_A(x)) * scaling``, which
+    allocates three more tensors of the output's size per projection (B's output, its scaled copy, the sum).
+    Anything else (evaluation, several adapters, a variant, extra arguments) takes PEFT's own forward."""
+    name = _plain_lora_adapter(self) if self.training and torch.is_grad_enabled() and not args and not kwargs else None
+    if name is None or self.lora_B[name].bias is not None:
+        return type(self).forward(self, x, *args, **kwargs)
+    out = self.base_layer(x)
+    a = self.lora_A[name](self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype)))
+    out.view(-1, out.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), self.lora_B[name].weight.t(),
+                                       alpha=self.scaling[name])
+    return out
 
 
 def _is_silu(module) -> bool:
@@ -337,10 +357,12 @@ def lighten_activations(model) -> dict:
 
     - each LoRA A with input dropout becomes a :class:`DropoutLoraA` (no dropped fp32 copy and noise per
       projection);
-    - each SwiGLU MLP (gate/up/down over an Int8Linear, SiLU) runs :class:`_SwiGLUDownA` while training.
+    - each SwiGLU MLP (gate/up/down over an Int8Linear, SiLU) runs :class:`_SwiGLUDownA` while training;
+    - each LoRA layer over an Int8Linear adds its product into the base output in place while training
+      (:func:`_light_lora_forward`).
 
-    Returns how many LoRA A and MLP modules changed."""
-    lora_a = mlps = 0
+    Returns how many LoRA A, MLP and LoRA layer forwards changed."""
+    lora_a = mlps = lora_sum = 0
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)
         if isinstance(getattr(module, "base_layer", None), Int8Linear) and isinstance(drops, nn.ModuleDict):
@@ -351,13 +373,16 @@ def lighten_activations(model) -> dict:
                     module.lora_A[name] = DropoutLoraA(a, drop.p)
                     drops[name] = nn.Identity()
                     lora_a += 1
+            if "forward" not in module.__dict__:
+                module.forward = types.MethodType(_light_lora_forward, module)
+                lora_sum += 1
         if (all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
                 and _is_silu(getattr(module, "act_fn", None))
                 and isinstance(getattr(module.down_proj, "base_layer", None), Int8Linear)
                 and "forward" not in module.__dict__):
             module.forward = types.MethodType(_light_swiglu_forward, module)
             mlps += 1
-    return {"lora_a": lora_a, "mlp": mlps}
+    return {"lora_a": lora_a, "mlp": mlps, "lora_sum": lora_sum}
 
 
 def quantize_frozen_linears(model) -> int:
