@@ -37,7 +37,7 @@ row is quantised asymmetrically over its own [min, max] to uint8 with zero point
 oneDNN computes sum_k q_ik w_kj exactly in int32, and the output row is scaled by step_i and shifted by
 lo_i sum_k w_kj afterwards (exact algebra; :meth:`PackedInt8.matmul`). Asymmetric rows use all 256 levels on
 one-sided activations (SiLU outputs, norm outputs with a large channel of one sign); on MedQuAD this took the
-int8 run's eval loss from +1.15% over fp32 (symmetric) to -0.1%.
+int8 run's eval loss from +1.15% over fp32 (symmetric) to +0.46%.
 
 Memory: the int8 weights take ~2.2 bytes per weight instead of 4, and :func:`lighten_activations` keeps fewer
 activations and allocates fewer temporaries. Measured on the Qwen2.5-1.5B architecture (one 411-token step
@@ -310,9 +310,18 @@ def _plain_lora_adapter(layer) -> str | None:
     if not isinstance(getattr(layer, "base_layer", None), Int8Linear) or layer.disable_adapters or layer.merged:
         return None
     names = [n for n in layer.active_adapters if n in layer.lora_A]
-    if len(names) != 1 or names[0] in getattr(layer, "lora_variant", {}) or layer.lora_A[names[0]].bias is not None:
+    if len(names) != 1 or names[0] in getattr(layer, "lora_variant", {}):
+        return None
+    if layer.lora_A[names[0]].bias is not None or layer.lora_B[names[0]].bias is not None:
         return None
     return names[0]
+
+
+def _add_lora_product(out: torch.Tensor, a: torch.Tensor, lora_b: nn.Linear, scaling: float) -> torch.Tensor:
+    """out += scaling * a @ B^T in place (one ``addmm_``), instead of PEFT's ``out + lora_B(a) * scaling``, which
+    allocates three more tensors of the output's size (B's output, its scaled copy, the sum)."""
+    out.view(-1, out.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), lora_b.weight.t(), alpha=scaling)
+    return out
 
 
 def _light_swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -325,26 +334,20 @@ def _light_swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
     lora_a, lora_b = down.lora_A[name], down.lora_B[name]
     p = lora_a.p if isinstance(lora_a, DropoutLoraA) else getattr(down.lora_dropout[name], "p", 0.0)
     h, a = _SwiGLUDownA.apply(gate, up, lora_a.weight, p if lora_a.training else 0.0)
-    out = down.base_layer(h)
-    if lora_b.bias is not None:
-        return (out + lora_b(a) * down.scaling[name]).to(out.dtype)
-    out.view(-1, out.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), lora_b.weight.t(), alpha=down.scaling[name])
-    return out  # the LoRA product added in place, as in _light_lora_forward
+    return _add_lora_product(down.base_layer(h), a, lora_b, down.scaling[name])
 
 
 def _light_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A PEFT LoRA Linear over an Int8Linear while training: the LoRA product is accumulated into the base
-    layer's output in place (one ``addmm_``) instead of PEFT's ``result + lora_B(lora_A(x)) * scaling``, which
-    allocates three more tensors of the output's size per projection (B's output, its scaled copy, the sum).
-    Anything else (evaluation, several adapters, a variant, extra arguments) takes PEFT's own forward."""
-    name = _plain_lora_adapter(self) if self.training and torch.is_grad_enabled() and not args and not kwargs else None
-    if name is None or self.lora_B[name].bias is not None:
+    """A PEFT LoRA Linear over an Int8Linear while training: the LoRA product is added into the base layer's
+    output in place (:func:`_add_lora_product`). Anything else (evaluation, several adapters, a variant, extra
+    arguments) takes PEFT's own forward."""
+    training = self.training and torch.is_grad_enabled() and not args and not kwargs
+    name = _plain_lora_adapter(self) if training else None
+    if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    out = self.base_layer(x)
+    out = self.base_layer(x)  # first, as in PEFT
     a = self.lora_A[name](self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype)))
-    out.view(-1, out.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), self.lora_B[name].weight.t(),
-                                       alpha=self.scaling[name])
-    return out
+    return _add_lora_product(out, a, self.lora_B[name], self.scaling[name])
 
 
 def _is_silu(module) -> bool:
