@@ -4,6 +4,7 @@ and the real MedQuAD file when it is present."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -117,8 +118,6 @@ def trained_run(tmp_path_factory, sample_csv, smol_dir):
     with FileLock(str(shared / "sample.lock")):
         if not done.is_file():
             if out.exists():  # a worker that failed half-way: start again
-                import shutil
-
                 shutil.rmtree(out)
             train(out)
             done.touch()
@@ -131,4 +130,3 @@ def pytest_configure(config):
         from medlora.model import smollm2_folder
 
         smollm2_folder()
-

@@ -278,9 +278,8 @@ class RunDir:
         for candidate in (cfg.data, info.get("data")):
             if candidate and Path(candidate).is_file():
                 return Path(candidate)
-        what = f"the run's data file {cfg.data} is not found" if cfg.data else f"{CONFIG} names no data file"
-        raise MedloraError(f"{what}; pass --data FILE.csv (the same file reproduces the run's split, "
-                           "any other is evaluated whole)")
+        raise MedloraError(f"the run's data file {cfg.data} is not found" if cfg.data else
+                           f"{CONFIG} names no data file")
 
     def write_info(self, info: dict) -> None:
         write_json_atomic(self.info_file, info)

@@ -68,7 +68,11 @@ def select_rows(cfg: TrainConfig, run: RunDir, data: str | None, samples: int,
     """The run's split, reproduced from its saved file, test_size and seed; or another CSV, whole."""
     info = run.read_info()
     expected = info.get("data_sha256")
-    path = Path(data) if data else run.data_path(cfg)
+    try:
+        path = Path(data) if data else run.data_path(cfg)
+    except MedloraError as e:
+        raise MedloraError(f"{e}; pass --data FILE.csv (the same file reproduces the run's split, "
+                           "any other is evaluated whole)") from None
     df, _ = load_qa_csv(path)
     digest = file_sha256(path) if expected else None
     if data is None or (expected and digest == expected):  # the run's own file, possibly moved: its split
