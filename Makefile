@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup chromium demo test test-fast bench lock clean
+.PHONY: setup system-packages demo test test-fast bench lock clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,20 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-setup: $(STAMP) chromium
+setup: $(STAMP) system-packages
 
-# The browser test drives Debian's chromium through Playwright (which downloads no browser of its own); without
-# root or apt, the browser test skips with a one-line reason.
-chromium:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-	    || echo "medlora: could not install chromium (apt-get install chromium as root); the browser test will skip"
+# System packages through apt (Debian/Ubuntu): Debian's chromium, which the browser test drives through Playwright
+# (which downloads no browser of its own), and libjemalloc2, the allocator `medlora train` runs on
+# (src/medlora/allocator.py: less training memory). Without root or apt, each missing one is reported in one
+# line: the browser test then skips, and training runs on glibc's malloc.
+system-packages:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	/sbin/ldconfig -p 2>/dev/null | grep -q 'libjemalloc\.so\.2 ' || missing="$$missing libjemalloc2"; \
+	if [ -n "$$missing" ]; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+	    || echo "medlora: could not install$$missing (apt-get install$$missing as root): the browser test skips without chromium, training uses glibc's malloc without libjemalloc2"; \
+	fi
 
 # Trains the bundled SmolLM2-135M on the bundled sample for a short run, then asks the base and the
 # fine-tuned model the same question (greedy, deterministic).

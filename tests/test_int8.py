@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import medlora.training.int8 as int8_module
-from medlora.training.int8 import (DropoutLoraA, Int8Linear, PackedInt8, _DropoutMatmul, _SwiGLUDownA,
+from medlora.training.int8 import (DropoutLoraA, Int8Embedding, Int8Head, Int8Linear, PackedInt8, _DropoutMatmul, _SwiGLUDownA,
                                    frozen_int8_parameters, int8_available, lighten_activations, parameter_counts,
                                    quantize_frozen_linears, quantize_rows)
 
@@ -54,6 +54,34 @@ def test_int8_linear_matches_fp32_output_and_input_gradient(outlier):
     assert 0 < rel(x8.grad, x32.grad) < TOLERANCE
     for row in (0, 1, 39):  # every token, not just the total, is close
         assert rel(y8[1, row], y32[1, row]) < 2 * TOLERANCE and rel(x8.grad[1, row], x32.grad[1, row]) < 2 * TOLERANCE
+
+
+def test_tied_int8_embedding_and_head_match_fp32_and_train_nothing():
+    """The token embedding and a tied LM head share one Int8Rows (8-bit rows, fp32 activations): lookups, logits and
+    the logits' input gradient within 1% of fp32 on random data; no gradient, parameter or buffer in either."""
+    from medlora.training.int8 import Int8Rows
+
+    torch.manual_seed(2)
+    embedding = nn.Embedding(1200, 96).requires_grad_(False)
+    head = nn.Linear(96, 1200, bias=False)
+    head.weight = embedding.weight  # tied, as Qwen2.5 and SmolLM2
+    rows = Int8Rows(embedding.weight)
+    emb8, head8 = Int8Embedding(embedding, rows), Int8Head(head, rows, tied=True)
+    assert rows.table.dtype == torch.int8 and rows.table.shape == (1200, 96)
+    assert not list(emb8.parameters()) + list(head8.parameters()) + list(emb8.buffers()) + list(head8.buffers())
+    ids = torch.tensor([[0, 5, 1199, 5], [7, 7, 3, 0]])
+    assert 0 < rel(emb8(ids), embedding(ids)) < 0.01 and emb8(ids).dtype == torch.float32
+    h8, h32 = (torch.randn(2, 700, 96).requires_grad_(True) for _ in range(2))  # > one 512-row block
+    with torch.no_grad():
+        h32.copy_(h8)
+    y8, y32 = head8(h8), head(h32)
+    assert y8.shape == y32.shape == (2, 700, 1200) and 0 < rel(y8, y32) < 0.01
+    grad = torch.randn_like(y32)
+    y8.backward(grad)
+    y32.backward(grad)
+    assert 0 < rel(h8.grad, h32.grad) < 0.01
+    assert not rows.table.requires_grad and rows.table.grad is None and rows.scale.grad is None
+    assert head8.frozen_weight_count() == 0 and emb8.frozen_weight_count() == 1200 * 96  # the tied matrix once
 
 
 def test_no_gradient_reaches_the_int8_weights():
@@ -176,7 +204,7 @@ def test_dropout_lora_a_matches_peft_dropout_then_a(p):
 def saved_bytes(model, batch) -> tuple[float, int]:
     """(loss, bytes of the distinct tensors autograd keeps for the decoder layers' backward pass) of one training
     forward (the logits and the loss's tensors, vocabulary-wide, are left out)."""
-    storages, vocab = {}, model.get_output_embeddings().weight.shape[0]
+    storages, vocab = {}, model.get_output_embeddings().out_features
 
     def pack(t):
         if t.shape and t.shape[-1] != vocab:
@@ -197,7 +225,8 @@ def peft_model(tiny_model_dir, int8: bool, dropout: float = 0.0):
     torch.manual_seed(0)
     model, _ = apply_lora(TrainConfig(lora_dropout=dropout), load_model(str(tiny_model_dir), False))
     if int8:
-        assert quantize_frozen_linears(model) == 2 * 7  # the 7 projections of the 2 decoder layers
+        # the 7 projections of the 2 decoder layers, the LM head and the token embedding (tied to it)
+        assert quantize_frozen_linears(model) == 2 * 7 + 2
     return model
 
 
@@ -209,11 +238,12 @@ def test_quantizing_a_peft_model_keeps_the_adapter_an_fp32_runs(tiny_model_dir):
     assert a.keys() == b.keys() and all(b[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)
     layer = int8.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(layer.base_layer, Int8Linear) and isinstance(layer.lora_A["default"], nn.Linear)
-    assert not isinstance(int8.get_output_embeddings(), Int8Linear)  # the LM head (tied embeddings) stays fp32
-    assert not any(isinstance(m, nn.Linear) and not m.weight.requires_grad and m is not int8.get_output_embeddings()
-                   for m in int8.modules())  # no frozen fp32 linear left
-    assert parameter_counts(int8) == fp32.get_nb_trainable_parameters()  # int8 weights still counted
-    assert frozen_int8_parameters(int8) == 2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3)
+    assert isinstance(int8.get_output_embeddings(), Int8Head) and isinstance(int8.get_input_embeddings(), Int8Embedding)
+    assert not any(isinstance(m, (nn.Linear, nn.Embedding)) and not m.weight.requires_grad
+                   for m in int8.modules())  # no frozen fp32 linear or embedding left
+    assert parameter_counts(int8) == fp32.get_nb_trainable_parameters()  # int8 weights still counted, tied once
+    vocab = fp32.get_input_embeddings().num_embeddings
+    assert frozen_int8_parameters(int8) == 2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3) + vocab * 64
     # one training step: LoRA B gets a gradient through the int8 layers, the losses agree with fp32's
     batch = torch.randint(0, 1000, (1, 24))
     losses = []

@@ -51,6 +51,12 @@ def checkpointing_on(model) -> bool:
     return False
 
 
+def describe_allocator() -> str:
+    from medlora.allocator import describe
+
+    return describe()
+
+
 def effective_settings(trainer, model) -> dict:
     """What the trainer actually runs with, read from its arguments and the model."""
     a = trainer.args
@@ -63,6 +69,7 @@ def effective_settings(trainer, model) -> dict:
         "frozen_weights_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype),
         # --precision int8 holds the frozen linears outside nn.Parameters (medlora.training.int8.Int8Linear)
         "int8_linears": sum(type(m).__name__ == "Int8Linear" for m in model.modules()),
+        "allocator": describe_allocator(),
     }
 
 

@@ -16,9 +16,9 @@ LABELS = {
     "trl_shipped": "TRL SFTTrainer, as shipped (bf16, bs 8, max_length 1024)",
 }
 TABLE_HEAD = [
-    "| contender | status | tokens/s | s/step | seq/step | tok/seq | peak RSS GB | grad ckpt | dtype | "
+    "| contender | status | tokens/s | s/step | seq/step | tok/seq | peak RSS GB | grad ckpt | dtype | allocator | "
     "CPU share | model GFLOP/s | % fp32 peak (theor.) | % fp32 peak (mm) |",
-    "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
+    "|---|---|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|",
 ]
 
 
@@ -61,7 +61,7 @@ def table_row(name: str, r: dict) -> str:
     ckpt = "on" if r.get("gradient_checkpointing") else ("off" if "gradient_checkpointing" in r else "—")
     cells = [LABELS.get(name, name), status_of(r), fmt(s.get("tokens_per_s")), fmt(s.get("s_per_step"), 1),
              fmt(seq_step, 0), fmt(s.get("mean_tokens_per_sequence"), 0), fmt(r.get("peak_rss_gb")), ckpt,
-             dtype_label(eff), fmt(s.get("cpu_share")), fmt(s.get("model_gflops_per_s"), 1),
+             dtype_label(eff), (eff.get("allocator") or "—").split(" (")[0], fmt(s.get("cpu_share")), fmt(s.get("model_gflops_per_s"), 1),
              pct(s.get("mfu_vs_theoretical")), pct(s.get("mfu_vs_empirical"))]
     return "| " + " | ".join(cells) + " |"
 

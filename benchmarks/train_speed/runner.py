@@ -20,10 +20,17 @@ def cpu_busy_seconds() -> float:
     return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
 
 
-def child_env() -> dict:
+def child_env(name: str, args) -> dict:
+    """The child's environment: medlora's contenders run on the allocator `medlora train` re-executes itself on
+    (medlora.allocator: jemalloc where the system has it) unless --medlora_allocator system; the others on the
+    system's, as the scripts they stand for do."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     paths = [str(ROOT / "src"), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    if name.startswith("medlora") and getattr(args, "medlora_allocator", "auto") == "auto":
+        from medlora.allocator import preloaded_env
+
+        env = preloaded_env(env) or env
     return env
 
 
@@ -79,7 +86,7 @@ def run_child(name: str, spec_path: Path, workdir: Path, args, tag: str = "") ->
            "--result", str(result_path), "--progress", str(progress_path)]
     load0, busy0, t0 = os.getloadavg(), cpu_busy_seconds(), time.time()
     with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT,
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=child_env(name, args), cwd=ROOT,
                                 start_new_session=True)
     peak_polled, child_cpu, outcome = watch(proc, args, t0)
     wall = time.time() - t0

@@ -110,6 +110,10 @@ def resume_config(args):
 
 
 def cmd_train(args) -> int:
+    if args.from_command_line:  # before torch loads: this process goes on, on jemalloc where the system has it
+        from .allocator import reexecute_on_jemalloc
+
+        reexecute_on_jemalloc(args.argv)
     from .training import distributed
     from .training.recipe import run
 
@@ -415,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(parser, argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` hands them to its workers
+        args.from_command_line = argv is None
         handler = getattr(args, "handler", None)
         if handler is None:  # `medlora` or `medlora data` alone: what can follow
             group = getattr(args, "command", None)

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..allocator import describe as describe_allocator
+from ..allocator import release_freed_memory
 from ..config import TrainConfig
 from ..cpu import (SpeedPlan, cpu_has_native_bf16, cpu_summary, precision_reason, resolve_checkpointing,
                    resolve_precision)
@@ -162,6 +164,7 @@ def prepare_model(cfg: TrainConfig, model, precision: str) -> tuple:
         # the adapter's state dict and checkpoints stay those of an fp32 run
         quantize_frozen_linears(model)
         lighten_activations(model)  # same arithmetic, fewer saved activations (int8.py)
+    release_freed_memory()  # what loading and converting freed (jemalloc keeps freed pages otherwise)
     checkpointing, why = resolve_checkpointing(cfg.gradient_checkpointing, model.config, cfg.max_seq_len,
                                                cfg.per_device_train_batch_size, precision)
     return model, targets, SpeedPlan(precision, checkpointing, why, accepts_logits_to_keep(model),
@@ -179,7 +182,8 @@ def build_model(cfg: TrainConfig, source: str) -> tuple:
         f"({100 * trainable / total:.3f}%)")
     log(f"precision {precision} ({'native bf16 on this CPU' if cpu_has_native_bf16() else 'no native bf16'}"
         f"{'' if cfg.precision == 'auto' else ', set by --precision'}); gradient checkpointing "
-        f"{'on' if plan.gradient_checkpointing else 'off'} ({plan.gradient_checkpointing_why})")
+        f"{'on' if plan.gradient_checkpointing else 'off'} ({plan.gradient_checkpointing_why}); "
+        f"memory allocator: {describe_allocator()}")
     return model, targets, plan
 
 
@@ -207,6 +211,7 @@ def run_info(job: Job, source: str, data: PreparedData, targets: list[str], mode
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "torch_threads": torch.get_num_threads(),
         "cpu": cpu_summary(),
+        "allocator": describe_allocator(),
         **plan.to_dict(),
     }
     if job.resume_from is not None:

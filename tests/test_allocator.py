@@ -1,0 +1,49 @@
+"""`medlora train` from the command line re-executes itself once on jemalloc where the system has it
+(medlora.allocator); an in-process caller of medlora.cli.main keeps its own process and allocator."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from medlora import allocator
+
+needs_jemalloc = pytest.mark.skipif(allocator.jemalloc_path() is None,
+                                    reason="no libjemalloc.so.2 here (make setup installs libjemalloc2 as root)")
+
+
+@needs_jemalloc
+def test_preloaded_env_adds_jemalloc_once_and_keeps_the_users_settings():
+    path, base = allocator.jemalloc_path(), {"PATH": os.environ.get("PATH", "")}
+    env = allocator.preloaded_env(base)
+    assert env["LD_PRELOAD"] == path and env["MALLOC_CONF"] == allocator.JEMALLOC_CONF
+    assert allocator.preloaded_env(env) is None  # never twice, even if the library failed to load
+    assert allocator.preloaded_env({**base, "LD_PRELOAD": path}) is None
+    assert allocator.preloaded_env({**base, "MEDLORA_ALLOCATOR": "system"}) is None
+    mine = allocator.preloaded_env({**base, "LD_PRELOAD": "/opt/libfoo.so", "MALLOC_CONF": "narenas:1"})
+    assert mine["LD_PRELOAD"] == f"{path}:/opt/libfoo.so" and mine["MALLOC_CONF"] == "narenas:1"
+
+
+def test_in_process_runs_keep_this_processes_allocator(tiny_run):
+    info = json.loads((tiny_run / "run_info.json").read_text())
+    assert info["allocator"].split(" (")[0] == ("jemalloc" if allocator.active() == "jemalloc" else "system malloc")
+
+
+@pytest.mark.slow
+@needs_jemalloc
+def test_train_from_the_command_line_runs_on_jemalloc(sample_csv, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", allocator.ENV)}
+    proc = subprocess.run([sys.executable, "-m", "medlora", "train", "--data", str(sample_csv), "--model",
+                           str(tiny_model_dir), "--output_dir", str(out), "--precision", "int8", "--max_steps", "1",
+                           "--gradient_accumulation_steps", "1", "--max_eval_samples", "2"],
+                          capture_output=True, text=True, timeout=600, env={**env, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["allocator"] == f"jemalloc (MALLOC_CONF={allocator.JEMALLOC_CONF})"
+    assert info["precision"] == "int8" and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "memory allocator: jemalloc" in proc.stderr + proc.stdout  # the training log says so too
