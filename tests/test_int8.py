@@ -348,3 +348,32 @@ def test_lighter_activations_same_training_step_less_memory(tiny_model_dir):
     with torch.no_grad():
         assert torch.equal(plain(input_ids=batch).logits, light(input_ids=batch).logits)
 
+
+
+def test_int8_build_loads_bf16_checkpoints_as_stored_and_trains_in_fp32(tiny_model_dir, tmp_path, monkeypatch):
+    """A checkpoint stored in bf16 (as Qwen2.5's is) is loaded in bf16 for --precision int8, which quantises it
+    anyway (the build peaks near the bf16 model's size, not the fp32 one's); what stays a parameter is fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from medlora.config import TrainConfig
+    from medlora.training.recipe import build_model
+
+    stored = tmp_path / "bf16-model"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(stored)
+    loads = []
+    original = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        model = original(*args, **kwargs)
+        loads.append(model.dtype)
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    model, _, plan = build_model(TrainConfig(precision="int8", lora_dropout=0.0), str(stored))
+    assert loads == [torch.bfloat16] and plan.precision == "int8"
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # norms and LoRA
+    assert isinstance(model.get_input_embeddings(), Int8Embedding)
+    batch = torch.randint(0, 1000, (1, 16))
+    model.train()
+    model(input_ids=batch, labels=batch).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)

@@ -3,7 +3,7 @@
 Why: a training step allocates and frees hundreds of activation-sized blocks (a few MB to ~100 MB each) in an
 order glibc's heap fragments badly, and glibc keeps the freed holes resident. Measured on the Qwen2.5-1.5B
 architecture, `--precision int8`, one 411-token step after a 227- and a 176-token one, 2-core AMD EPYC Zen 3:
-glibc peaked at 6.34 GB and took 25.6 s; jemalloc configured as below 5.56 GB and 23.6 s. Returning freed
+glibc peaked at 5.56 GB and took 21.8 s; jemalloc configured as below 4.76 GB and 20.4 s. Returning freed
 pages to the OS instead costs more time than it saves (every page is faulted in again on the next step: with
 glibc set to mmap every block from 128 KB, 5.2 GB but 34 s per step), so jemalloc keeps its freed pages
 (``dirty_decay_ms:-1,muzzy_decay_ms:-1``) and serves even the large blocks from its arenas

@@ -135,10 +135,11 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(source: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+def load_model(source: str, trust_remote_code: bool = False, dtype: torch.dtype | str = torch.float32,
                allow_pickle_weights: bool = False):
-    """Load in fp32 on the CPU. Weights come from safetensors only, unless the user opts in to pickle
-    (.bin) files, which can run arbitrary code when unpickled."""
+    """Load on the CPU in ``dtype`` (fp32 by default; "auto": as the weights are stored). Weights come from
+    safetensors only, unless the user opts in to pickle (.bin) files, which can run arbitrary code when
+    unpickled."""
     from transformers import AutoModelForCausalLM
 
     try:

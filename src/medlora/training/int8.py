@@ -41,20 +41,17 @@ lo_i sum_k w_kj afterwards (exact algebra; :meth:`PackedInt8.matmul`). Asymmetri
 one-sided activations (SiLU outputs, norm outputs with a large channel of one sign); on MedQuAD this took the
 int8 run's eval loss from +1.15% over fp32 (symmetric) to +0.46%.
 
-Memory: the int8 weights take ~2.2 bytes per weight instead of 4, and :func:`lighten_activations` keeps fewer
-activations and allocates fewer temporaries. Measured on the Qwen2.5-1.5B architecture (one 411-token step
-after a 227- and a 176-token one, 2-core Zen 3): the step peaked at 9.97 GB without it, 7.4 GB with the
-lighter dropout and MLP, 6.3 GB with the in-place LoRA sum as well. What remains above half of the fp32
-path's peak RSS is mostly glibc's heap keeping freed temporaries resident. These allocator experiments were
-made before the in-place sum, at the 7.4 GB stage, where ``malloc_trim`` after the forward pass dropped RSS
-from 6.6 to 4.9 GB, and returning freed blocks to the OS cost more time than int8 saves: every block mmapped
-from 128 KB (``mallopt``) peaked at 5.2 GB but the step took 34 s instead of 23 s (4.7 million page faults
-per step); with huge pages 30.6 s; mmapping only during the forward pass 5.9 GB and 25.5 s; jemalloc
-(LD_PRELOAD) 5.2 GB and 27.6 s; a pool that copies the saved activations out of the heap 7.8 GB. jemalloc
-that never purges (``MALLOC_CONF=oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1``, one purge after
-the model is built) peaked at 5.6 GB in 21.9 s, faster than glibc: the way forward, but it needs a system
-library preloaded before Python starts (a re-exec), which medlora does not do yet. So medlora leaves the
-allocator alone for now.
+Memory: the int8 weights take ~2.2 bytes per weight instead of 4 (the tied embedding and LM head 1 byte), and
+:func:`lighten_activations` keeps fewer activations and allocates fewer temporaries. Measured on the
+Qwen2.5-1.5B architecture (one 411-token step after a 227- and a 176-token one, 2-core Zen 3, glibc): the step
+peaked at 9.97 GB without it, 7.4 GB with the lighter dropout and MLP, 6.34 GB with the in-place LoRA sum as
+well, 5.56 GB (21.8 s instead of 25.6) once the embedding and head were int8 rows and the loss stopped copying
+the logits (training/losses.py). On jemalloc, which `medlora train` runs on where the system has it
+(medlora/allocator.py, measurements there), the same step peaked at 4.76 GB in 20.4 s. Giving glibc's freed
+blocks back to the OS instead (measured at the 7.4 GB stage) cost more time than int8 saves: every block
+mmapped from 128 KB (``mallopt``) peaked at 5.2 GB but the step took 34 s instead of 23 s (4.7 million page
+faults per step); with huge pages 30.6 s; mmapping only during the forward pass 5.9 GB and 25.5 s; a pool that
+copies the saved activations out of the heap 7.8 GB.
 
 Without VNNI (AVX2-only CPUs such as Zen 3), oneDNN multiplies uint8 x int8 with ``vpmaddubsw``, which adds
 pairs of products into int16 and saturates (255 x 127 x 2 > 32767; measured: a worst-case product came

@@ -163,6 +163,7 @@ def prepare_model(cfg: TrainConfig, model, precision: str) -> tuple:
         # after LoRA is in place, so only the frozen base linears (LoRA's base_layer) turn int8; module names,
         # the adapter's state dict and checkpoints stay those of an fp32 run
         quantize_frozen_linears(model)
+        model.float()  # what stays a parameter (norms, biases, LoRA) in fp32, whatever dtype the weights were stored in
         lighten_activations(model)  # same arithmetic, fewer saved activations (int8.py)
     release_freed_memory()  # what loading and converting freed (jemalloc keeps freed pages otherwise)
     checkpointing, why = resolve_checkpointing(cfg.gradient_checkpointing, model.config, cfg.max_seq_len,
@@ -174,7 +175,9 @@ def prepare_model(cfg: TrainConfig, model, precision: str) -> tuple:
 def build_model(cfg: TrainConfig, source: str) -> tuple:
     """Load the base model in this run's precision and put LoRA on it: (peft_model, targets, plan)."""
     precision = resolve_precision(cfg.precision)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    # int8: the weights as stored (bf16 for Qwen2.5), since they are quantised anyway; the build then peaks at
+    # about the bf16 model's size, not the fp32 one's (6.2 GB for Qwen2.5-1.5B)
+    dtype = {"bf16": torch.bfloat16, "int8": "auto"}.get(precision, torch.float32)
     base = load_model(source, cfg.trust_remote_code, dtype=dtype, allow_pickle_weights=cfg.allow_pickle_weights)
     model, targets, plan = prepare_model(cfg, base, precision)
     trainable, total = parameter_counts(model)  # int8 runs hold the frozen linears outside nn.Parameters
