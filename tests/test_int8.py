@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 import medlora.training.int8 as int8_module
-from medlora.training.int8 import (DropoutLoraA, Int8Embedding, Int8Head, Int8Linear, PackedInt8, _DropoutMatmul, _SwiGLUDownA,
-                                   frozen_int8_parameters, int8_available, lighten_activations, parameter_counts,
-                                   quantize_frozen_linears, quantize_rows)
+import medlora.training.lighter as lighter_module
+from medlora.training.int8 import (Int8Embedding, Int8Head, Int8Linear, PackedInt8, frozen_int8_parameters,
+                                   int8_available, parameter_counts, quantize_frozen_linears, quantize_rows)
+from medlora.training.lighter import DropoutLoraA, _DropoutMatmul, _SwiGLUDownA, lighten_activations
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="this torch build has no oneDNN int8 linear")
 
@@ -162,7 +163,7 @@ def test_swiglu_down_a_matches_autograd(p, bf16, monkeypatch):
     """_SwiGLUDownA (silu(gate) * up and the dropped-out LoRA A projection of it, saving gate and up only)
     against autograd on the plain expression with the same dropout draw: outputs, all three gradients, and the
     random stream after it. fp64, so that only bf16 saving (if on) differs."""
-    monkeypatch.setattr(int8_module, "SAVE_MLP_INPUTS_BF16", bf16)
+    monkeypatch.setattr(lighter_module, "SAVE_MLP_INPUTS_BF16", bf16)
     torch.manual_seed(0)
     gate, up, a_w = torch.randn(2, 9, 40).double(), torch.randn(2, 9, 40).double(), torch.randn(4, 40).double()
     g_h, g_a = torch.randn(2, 9, 40).double(), torch.randn(2, 9, 4).double()

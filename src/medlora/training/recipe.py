@@ -30,7 +30,8 @@ from ..model import find_lora_targets, load_model, load_tokenizer, resolve_model
 from ..rundir import RunDir, check_output_location, claim_output_dir, file_sha256
 from . import distributed
 from .callbacks import CheckpointGuard, FiniteLoss, Interrupt
-from .int8 import lighten_activations, parameter_counts, quantize_frozen_linears
+from .int8 import parameter_counts, quantize_frozen_linears
+from .lighter import lighten_activations
 from .losses import accepts_logits_to_keep
 from .trainer import build_trainer
 
@@ -164,7 +165,7 @@ def prepare_model(cfg: TrainConfig, model, precision: str) -> tuple:
         # the adapter's state dict and checkpoints stay those of an fp32 run
         quantize_frozen_linears(model)
         model.float()  # what stays a parameter (norms, biases, LoRA) in fp32, whatever dtype the weights were stored in
-        lighten_activations(model)  # same arithmetic, fewer saved activations (int8.py)
+        lighten_activations(model)  # same arithmetic, fewer saved activations (lighter.py)
     release_freed_memory()  # what loading and converting freed (jemalloc keeps freed pages otherwise)
     checkpointing, why = resolve_checkpointing(cfg.gradient_checkpointing, model.config, cfg.max_seq_len,
                                                cfg.per_device_train_batch_size, precision)
