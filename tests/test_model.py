@@ -62,3 +62,36 @@ def test_cpu_bf16_detection_reads_cpu_flags():
     from medlora.cpu import cpu_flags
 
     assert cpu_has_native_bf16() == bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def test_busy_elsewhere_sees_another_process_now_and_not_this_one():
+    """llama.cpp's thread count leaves out the cores other processes keep busy *now* (the 1-minute load average
+    still counted a training run that had just ended): a spinning child shows, this process's own work does not."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from medlora.cpu import busy_elsewhere, usable_cpus
+    from medlora.inference.llamacpp import default_threads
+
+    assert 1 <= default_threads() <= usable_cpus()
+    spin = "import time\nend = time.time() + 20\nwhile time.time() < end: pass\n"  # bounded: 20 s at most
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.3)  # the child is running
+        assert busy_elsewhere(0.5) >= 0.5
+    finally:
+        child.kill()
+        child.wait()
+    stop = time.time() + 0.6
+
+    def spin_here():
+        while time.time() < stop:
+            pass
+
+    mine = threading.Thread(target=spin_here)
+    mine.start()
+    quiet = busy_elsewhere(0.5)  # this process spins one core meanwhile; other pytest workers may run too
+    mine.join()
+    assert quiet < usable_cpus()  # never counts this process's own core on top of the others

@@ -7,6 +7,7 @@ gradient checkpointing is chosen from the RAM that is free once the model is loa
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +32,46 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def busy_elsewhere(window: float = 0.25) -> float:
+    """How many of this process's CPUs other processes keep busy right now: the busy time /proc/stat counts on
+    them over ``window`` seconds, less this process's own. The 1-minute load average answers too late: right
+    after a training run it still counts the two cores the run has just released, for a minute or more.
+    Elsewhere (no /proc/stat) the 1-minute load average."""
+    cpus = _affinity()
+    try:
+        before, own_before = _busy_ticks(cpus), os.times()
+        time.sleep(window)
+        after, own_after = _busy_ticks(cpus), os.times()
+    except (OSError, ValueError):
+        try:
+            return float(os.getloadavg()[0])
+        except (AttributeError, OSError):
+            return 0.0
+    own = (own_after.user + own_after.system) - (own_before.user + own_before.system)
+    return max(0.0, ((after - before) / os.sysconf("SC_CLK_TCK") - own) / window)
+
+
+def _affinity() -> set[int] | None:
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:
+        return None
+
+
+def _busy_ticks(cpus: set[int] | None) -> int:
+    """Non-idle ticks (user, nice, system, irq, softirq, steal; not idle or iowait) of the given CPUs (all if None)."""
+    total = counted = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or (cpus is not None and int(name[3:]) not in cpus):
+            continue
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+        total, counted = total + user + nice + system + irq + softirq + steal, counted + 1
+    if not counted:
+        raise ValueError("none of this process's CPUs in /proc/stat")
+    return total
 
 
 def cpu_has_native_bf16() -> bool:

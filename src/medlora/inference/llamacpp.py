@@ -20,7 +20,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from ..cpu import usable_cpus
+from ..cpu import busy_elsewhere, usable_cpus
 from ..errors import MedloraError
 from ..prompts import DEFAULT_SYSTEM_PROMPT
 from .backend import GenerationParams, TextStream
@@ -30,17 +30,15 @@ HF_DEFAULT_TOP_K = 50  # transformers samples from the 50 likeliest tokens unles
 
 
 def default_threads() -> int:
-    """The CPUs this process may use, less those other processes keep busy (the 1-minute load average).
+    """The CPUs this process may use, less those other processes keep busy now (cpu.busy_elsewhere, a quarter
+    of a second of /proc/stat: the 1-minute load average still counted a training run that had just ended, so
+    the chat after it got 1 thread of 2).
 
     llama.cpp's OpenMP threads spin while they wait for each other: one more thread than there are free cores
     and every token waits on a descheduled thread (measured, 2 cores with one busy: 2 threads 0.4-0.7 tokens/s,
     1 thread 40). Setting OMP_WAIT_POLICY=passive before the process starts also avoids that (34 tokens/s)."""
     n = usable_cpus()
-    try:
-        busy = int(os.getloadavg()[0])
-    except (AttributeError, OSError):
-        busy = 0
-    return max(1, min(n, n - busy))
+    return max(1, min(n, n - round(busy_elsewhere())))
 
 
 def request_body(messages: list[dict], params: GenerationParams, n_ctx: int = DEFAULT_CONTEXT) -> dict:
