@@ -702,11 +702,14 @@ def test_chat_page_in_a_real_browser(smol_server):
             assert answer.locator(".text").inner_text().strip() and "tokens" in answer.locator(".meta").inner_text()
 
             # 2. a second (longer) answer, stopped mid-way: the text stops growing and the server stops generating
+            # (a long list: "And how is it treated?" could end within the poll that saw its first 20 characters,
+            # and the stop button is gone by the click; measured, this one runs to the 400-token limit)
             page.fill("#max-tokens", "400")
-            page.fill("#question", "And how is it treated?")
+            page.fill("#question", "List twenty ways it is treated, one per line, numbered.")
             page.keyboard.press("Enter")
             second = page.locator(".msg.assistant").nth(1)
             wait_until(lambda: len(second.locator(".text").inner_text()) > 20, 240)
+            assert second.get_attribute("data-state") == "streaming", second.locator(".text").inner_text()
             page.click("#stop")
             page.wait_for_selector(".msg.assistant[data-state='stopped']", timeout=10_000)
             stopped_text = second.locator(".text").inner_text()
