@@ -20,7 +20,7 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP) system-packages
 
 # System packages through apt (Debian/Ubuntu): Debian's chromium, which the browser test drives through Playwright
-# (which downloads no browser of its own), and libjemalloc2, the allocator `medlora train` runs on
+# (which downloads no browser of its own), and libjemalloc2, the allocator `medlora train --precision int8` runs on
 # (src/medlora/allocator.py: less training memory). Without root or apt, each missing one is reported in one
 # line: the browser test then skips, and training runs on glibc's malloc.
 system-packages:
@@ -29,7 +29,7 @@ system-packages:
 	/sbin/ldconfig -p 2>/dev/null | grep -q 'libjemalloc\.so\.2 ' || missing="$$missing libjemalloc2"; \
 	if [ -n "$$missing" ]; then \
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
-	    || echo "medlora: could not install$$missing (apt-get install$$missing as root): the browser test skips without chromium, training uses glibc's malloc without libjemalloc2"; \
+	    || echo "medlora: could not install$$missing (apt-get install$$missing as root): the browser test skips without chromium, int8 training uses glibc's malloc without libjemalloc2"; \
 	fi
 
 # Trains the bundled SmolLM2-135M on the bundled sample for a short run, then asks the base and the

@@ -1,5 +1,6 @@
-"""`medlora train` from the command line re-executes itself once on jemalloc where the system has it
-(medlora.allocator); an in-process caller of medlora.cli.main keeps its own process and allocator."""
+"""`medlora train --precision int8` from the command line re-executes itself once on jemalloc where the system
+has it (medlora.allocator); other precisions, and an in-process caller of medlora.cli.main, keep the process's
+allocator."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def test_preloaded_env_adds_jemalloc_once_and_keeps_the_users_settings():
     assert mine["LD_PRELOAD"] == f"{path}:/opt/libfoo.so" and mine["MALLOC_CONF"] == "narenas:1"
 
 
-def test_in_process_runs_keep_this_processes_allocator(tiny_run):
+def test_fp32_runs_and_in_process_runs_keep_this_processes_allocator(tiny_run):
     info = json.loads((tiny_run / "run_info.json").read_text())
     assert info["allocator"].split(" (")[0] == ("jemalloc" if allocator.active() == "jemalloc" else "system malloc")
 

@@ -32,8 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_rss_gb", type=float, default=20.0, help="kill a contender whose RSS passes this "
                    "(protects the machine); reported as such")
     p.add_argument("--medlora_allocator", choices=("auto", "system"), default="auto",
-                   help="auto: medlora's contenders run on the allocator `medlora train` picks (jemalloc where the "
-                   "system has it); system: on the system's malloc, as the other contenders")
+                   help="auto: medlora_int8 runs on the allocator `medlora train --precision int8` picks (jemalloc "
+                   "where the system has it); system: on the system's malloc, as the other contenders")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="MedQuAD CSV")
     p.add_argument("--data_seed", type=int, default=0, help="seed of the row shuffle")
     p.add_argument("--out_dir", default=str(HERE / "results"), help="where train_speed.{md,json} go")

@@ -110,14 +110,14 @@ def resume_config(args):
 
 
 def cmd_train(args) -> int:
-    if args.from_command_line:  # before torch loads: this process goes on, on jemalloc where the system has it
+    cfg = resume_config(args) if args.resume else build_config(args)
+    if args.from_command_line and cfg.precision == "int8":  # int8 runs go on, on jemalloc where the system has it
         from .allocator import reexecute_on_jemalloc
 
         reexecute_on_jemalloc(args.argv)
     from .training import distributed
     from .training.recipe import run
 
-    cfg = resume_config(args) if args.resume else build_config(args)
     if cfg.nproc > 1 and not distributed.in_worker():  # this process launches the workers (torchrun's agent)
         from .data import load_qa_csv
         from .model import resolve_model

@@ -6,7 +6,7 @@ Memory: the int8 weights take ~2.2 bytes per weight instead of 4 (the tied embed
 Qwen2.5-1.5B architecture (one 411-token step after a 227- and a 176-token one, 2-core Zen 3, glibc): the step
 peaked at 9.97 GB without it, 7.4 GB with the lighter dropout and MLP, 6.34 GB with the in-place LoRA sum as
 well, 5.56 GB (21.8 s instead of 25.6) once the embedding and head were int8 rows and the loss stopped copying
-the logits (training/losses.py). On jemalloc, which `medlora train` runs on where the system has it
+the logits (training/losses.py). On jemalloc, which `medlora train --precision int8` runs on where the system has it
 (medlora/allocator.py, measurements there), the same step peaked at 4.76 GB in 20.4 s. Giving glibc's freed
 blocks back to the OS instead (measured at the 7.4 GB stage) cost more time than int8 saves: every block
 mmapped from 128 KB (``mallopt``) peaked at 5.2 GB but the step took 34 s instead of 23 s (4.7 million page
