@@ -137,18 +137,19 @@ class PackedInt8:
 
 
 class _FrozenInt8Matmul(torch.autograd.Function):
-    """y = x @ W^T with int8 W; backward returns only the input gradient grad_y @ W (through W^T's own copy)."""
+    """y = x @ W^T for a frozen int8 layer (:class:`Int8Linear`, :class:`Int8Head`), through its ``product``;
+    backward returns only the input gradient grad_y @ W, through its ``input_gradient``."""
 
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        return layer.forward_weight.matmul(x)
+        return layer.product(x)
 
     @staticmethod
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
             return None, None
-        return ctx.layer.backward_weight.matmul(grad_out.contiguous()), None
+        return ctx.layer.input_gradient(grad_out.contiguous()), None
 
 
 class Int8Linear(nn.Module):
@@ -176,6 +177,12 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_weight.matmul(x)
+
+    def input_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.backward_weight.matmul(grad)  # through W^T's own copy
 
     def frozen_weight_count(self) -> int:
         return self.in_features * self.out_features
@@ -239,21 +246,6 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
 
 
-class _Int8HeadMatmul(torch.autograd.Function):
-    """logits = h @ M^T from :class:`Int8Rows`; backward: only the input gradient grad @ M."""
-
-    @staticmethod
-    def forward(ctx, x, head):
-        ctx.head = head
-        return head.rows.matmul(x)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        return ctx.head.rows.left_matmul(grad_out.contiguous()), None
-
-
 class Int8Head(nn.Module):
     """A frozen LM head (``nn.Linear`` vocab x hidden, no bias) held as :class:`Int8Rows`, the same object as a
     tied token embedding's."""
@@ -265,7 +257,13 @@ class Int8Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).contiguous()
-        return _Int8HeadMatmul.apply(flat, self).reshape(*x.shape[:-1], self.out_features)
+        return _FrozenInt8Matmul.apply(flat, self).reshape(*x.shape[:-1], self.out_features)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows.matmul(x)
+
+    def input_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.rows.left_matmul(grad)
 
     def frozen_weight_count(self) -> int:
         return 0 if self.tied else self.in_features * self.out_features  # tied: counted with the embedding
