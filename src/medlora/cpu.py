@@ -28,10 +28,8 @@ def cpu_flags() -> set[str]:
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset), not the machine's
     count, so a process pinned to some cores does not start a thread for every core and fight itself."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    cpus = _affinity()
+    return len(cpus) if cpus is not None else os.cpu_count() or 1
 
 
 def busy_elsewhere(window: float = 0.25) -> float:
@@ -54,6 +52,7 @@ def busy_elsewhere(window: float = 0.25) -> float:
 
 
 def _affinity() -> set[int] | None:
+    """This process's CPUs (its affinity mask), or None where the OS does not say (not Linux)."""
     try:
         return os.sched_getaffinity(0)
     except AttributeError:
