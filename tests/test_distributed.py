@@ -1,12 +1,14 @@
 """Training in several processes (torch.distributed, gloo, launched by torchrun) gives the run one process gives:
 `--nproc 2` against one process, two torchrun "machines" on loopback, and a rank SIGKILLed mid-run whose job ends
-at once and resumes in one process (steps trained by `--nproc 2`, then by one process, match the one-process run).
+at once and resumes in one process (steps trained by `--nproc 2`, then by one process, match the one-process run),
+and Ctrl-C, which stops every rank after the same step with a checkpoint to resume from.
 All on the tiny random Llama, fp32, dropout 0, one thread per process."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -155,7 +157,7 @@ def test_killed_rank_ends_the_job_and_one_process_resumes(reference, sample_csv,
     errors = [line for line in err.splitlines() if line.startswith("medlora: error:")]
     assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
     assert (f"training process rank 1 (pid {rank1.pid}) was killed by SIGKILL; the other process was stopped. "
-            f"Resume from the last complete checkpoint with: medlora train --resume {out}") in errors[0]
+            f"Resume from the last complete checkpoint (checkpoint-2) with: medlora train --resume {out}") in errors[0]
     assert "training in 2 processes with 1 thread each" in err
     assert not (out / "metrics.json").exists() and (out / "checkpoint-2" / "medlora_complete.json").exists()
     # each rank saved its RNG state into the checkpoint before rank 0 marked it complete
@@ -171,3 +173,40 @@ def test_killed_rank_ends_the_job_and_one_process_resumes(reference, sample_csv,
     # equal the one-process run's (the two-machine test above compares a whole two-process run)
     assert_same_run(out, reference)
     assert not (out / ".medlora-lock").exists()
+
+
+def test_ctrl_c_stops_every_rank_after_one_step_and_the_checkpoint_resumes(sample_csv, tiny_model_dir, tmp_path):
+    """Ctrl-C in the terminal of `medlora train --nproc 2`: the terminal signals the launcher's process group
+    (torchrun starts each worker in a session of its own, so only the launcher gets it), the launcher passes it to
+    the workers once, every rank stops after the same optimizer step and that step is checkpointed with both ranks'
+    RNG states. The job ends with code 130, no traceback and a line saying how to resume; the run then resumes (in
+    one process) to its last step."""
+    steps = 20  # long enough that a signal sent once checkpoint-2 is complete lands mid-run (it stops at step 3)
+    args = recipe(sample_csv, tiny_model_dir)
+    args[args.index("--max_steps") + 1] = str(steps)
+    out = tmp_path / "run"
+    stderr = tmp_path / "stderr.txt"
+    proc = subprocess.Popen([sys.executable, "-m", "medlora", "train", *args, "--output_dir", str(out),
+                             "--nproc", "2"], stdout=subprocess.DEVNULL, stderr=stderr.open("w"), env=env(),
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint-2" / "medlora_complete.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    err = stderr.read_text()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("medlora:") and f"medlora train --resume {out}" in last, err[-3000:]
+    assert not (out / "metrics.json").exists() and not (out / ".medlora-lock").exists()
+    saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
+                   if (p / "medlora_complete.json").exists())
+    assert saved and 2 <= saved[-1] < steps, saved
+    complete = json.loads((out / f"checkpoint-{saved[-1]}" / "medlora_complete.json").read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(complete)
+    assert main(["train", "--resume", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == steps

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ..config import check_divides
 from ..cpu import usable_cpus
 from ..errors import log
-from ..rundir import crash_point
+from ..rundir import RunDir, crash_point
 from .callbacks import CheckpointGuard
 
 # Collectives wait this long for a slow peer before failing. It is not what ends a job whose process died: a dead
@@ -251,10 +251,13 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
         run(options)
         return 0
     except ChildFailedError as e:
+        return _report_failure(e.failures, nproc, resume or Path(note).read_text(encoding="utf-8").strip() or None)
+    except SignalException as e:
+        # Ctrl-C or a kill of this launcher. torchrun starts each worker in a session of its own, so a terminal's
+        # Ctrl-C reaches only this process; torchrun passed the signal on to the workers once and waited for them:
+        # after SIGINT every rank finished the same optimizer step and checkpointed it (rank 0 said so above)
         run_dir = resume or Path(note).read_text(encoding="utf-8").strip() or None
-        return _report_failure(e.failures, nproc, run_dir)
-    except SignalException as e:  # Ctrl-C or a kill of this launcher: torchrun forwarded it to the workers
-        print(f"medlora: stopped by {e.sigval.name}", file=sys.stderr)
+        print(f"medlora: stopped by {e.sigval.name}. {_resume_hint(run_dir)}", file=sys.stderr, flush=True)
         return 130
     finally:
         for k, v in saved.items():
@@ -263,6 +266,14 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
             else:
                 os.environ[k] = v
         Path(note).unlink(missing_ok=True)
+
+
+def _resume_hint(run_dir: str | None) -> str:
+    checkpoint = RunDir(run_dir).latest_complete_checkpoint() if run_dir else None
+    if checkpoint is None:
+        return f"No checkpoint was completed in {run_dir}" if run_dir else "No run folder was created"
+    return f"Resume from the last complete checkpoint ({checkpoint.name}) with: medlora train --resume {run_dir} " \
+           "(any --nproc)"
 
 
 def _report_failure(failures: dict, nproc: int, run_dir: str | None) -> int:
@@ -277,8 +288,7 @@ def _report_failure(failures: dict, nproc: int, run_dir: str | None) -> int:
     rank_, failure = min(culprits or failures.items(), key=lambda rf: rf[1].timestamp)
     how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
            else f"exited with code {failure.exitcode} (run with --nproc 1 to see its error)")
-    hint = (f"Resume from the last complete checkpoint with: medlora train --resume {run_dir} (any --nproc)"
-            if run_dir else "No run folder was created")
+    hint = _resume_hint(run_dir)
     others = "the other process was" if nproc == 2 else f"the other {nproc - 1} processes were"
     # on a line of its own: rank 0's progress bar may have left the cursor mid-line
     print(f"\nmedlora: error: training process rank {rank_} (pid {failure.pid}) {how}; {others} stopped. {hint}",
