@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,24 @@ def test_preloaded_env_adds_jemalloc_once_and_keeps_the_users_settings():
     mine = allocator.preloaded_env({**base, "LD_PRELOAD": "/opt/libfoo.so", "MALLOC_CONF": "narenas:1"})
     assert mine["LD_PRELOAD"] == f"{path}:/opt/libfoo.so" and mine["MALLOC_CONF"] == "narenas:1"
 
+
+
+@needs_jemalloc
+def test_training_benchmark_children_get_the_allocator_asked_for(monkeypatch):
+    """benchmarks/train_speed: by default only medlora_int8 runs on jemalloc, as `medlora train` runs it;
+    --medlora_allocator system puts none on it, jemalloc every medlora contender (never the reference)."""
+    from argparse import Namespace
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    for name in ("LD_PRELOAD", "MALLOC_CONF", allocator.ENV, allocator._REEXECUTED):
+        monkeypatch.delenv(name, raising=False)
+    from benchmarks.train_speed.runner import child_env
+
+    names = ("reference", "trl_tuned", "medlora", "medlora_fp32", "medlora_int8")
+    preloaded = {choice: [allocator.jemalloc_path() in child_env(n, Namespace(medlora_allocator=choice))
+                          .get("LD_PRELOAD", "") for n in names] for choice in ("auto", "system", "jemalloc")}
+    assert preloaded == {"auto": [False, False, False, False, True], "system": [False] * 5,
+                         "jemalloc": [False, False, True, True, True]}
 
 def test_fp32_runs_and_in_process_runs_keep_this_processes_allocator(tiny_run):
     info = json.loads((tiny_run / "run_info.json").read_text())

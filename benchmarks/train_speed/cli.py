@@ -31,9 +31,11 @@ def parser() -> argparse.ArgumentParser:
                    "past it is killed and reported as timed out")
     p.add_argument("--max_rss_gb", type=float, default=20.0, help="kill a contender whose RSS passes this "
                    "(protects the machine); reported as such")
-    p.add_argument("--medlora_allocator", choices=("auto", "system"), default="auto",
+    p.add_argument("--medlora_allocator", choices=("auto", "system", "jemalloc"), default="auto",
                    help="auto: medlora_int8 runs on the allocator `medlora train --precision int8` picks (jemalloc "
-                   "where the system has it); system: on the system's malloc, as the other contenders")
+                   "where the system has it), the rest on the system's malloc, as `medlora train` runs them; "
+                   "system: every medlora contender on the system's malloc; jemalloc: every medlora contender on "
+                   "jemalloc (to see whether fp32 or bf16 should re-execute on it too)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="MedQuAD CSV")
     p.add_argument("--data_seed", type=int, default=0, help="seed of the row shuffle")
     p.add_argument("--out_dir", default=str(HERE / "results"), help="where train_speed.{md,json} go")

@@ -23,11 +23,13 @@ def cpu_busy_seconds() -> float:
 def child_env(name: str, args) -> dict:
     """The child's environment: medlora_int8 runs on the allocator `medlora train --precision int8` re-executes
     itself on (medlora.allocator: jemalloc where the system has it) unless --medlora_allocator system; the others
-    on the system's, as `medlora train` at other precisions and the scripts they stand for do."""
+    on the system's, as `medlora train` at other precisions and the scripts they stand for do, unless
+    --medlora_allocator jemalloc, which puts every medlora contender on jemalloc."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     paths = [str(ROOT / "src"), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    if name == "medlora_int8" and getattr(args, "medlora_allocator", "auto") == "auto":
+    choice = getattr(args, "medlora_allocator", "auto")
+    if (choice == "auto" and name == "medlora_int8") or (choice == "jemalloc" and name.startswith("medlora")):
         from medlora.allocator import preloaded_env
 
         env = preloaded_env(env) or env
