@@ -184,6 +184,29 @@ def test_there_are_at_least_40_cases():
     assert len(CASES) >= 40
 
 
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", "{missing}.csv"],
+    ["train", "--data", "{csv}", "--model", "{missing}"],
+    ["train", "--data", "{csv}", "--output_dir", "{file}/run"],
+    ["train", "--data", "{csv}", "--nproc", "2", "--model", "{missing}"],
+    ["chat", "{missing}", "-q", "hi"],
+    ["chat", "--model", "{missing}", "-q", "hi"],
+    ["eval", "{missing}"],
+])
+def test_wrong_paths_fail_before_torch_loads(argv, tmp_path):
+    """A mistyped path is reported before torch, transformers and peft load (about 9 s on a 2-core CPU): a fresh
+    interpreter runs the command and reports whether torch was imported by the time the error came."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "ok.csv").write_text(GOOD_ROWS)
+    args = [a.format(missing=tmp_path / "missing", csv=tmp_path / "ok.csv", file=tmp_path / "file") for a in argv]
+    code = ("import sys; from medlora.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stdout + proc.stderr[-2000:]
+    assert len(message_lines(proc.stderr)) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
 # ---------------------------------------------------------------- damaged run folders and the REPL's stdin
 
 @pytest.mark.parametrize("command", [["chat", "-q", "hi"], ["eval", "--samples", "0"], ["merge"]])

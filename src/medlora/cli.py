@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import warnings
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -109,8 +110,26 @@ def resume_config(args):
     return replace(saved, max_steps=given.max_steps) if "max_steps" in explicit else saved
 
 
+def check_new_run_inputs(cfg) -> None:
+    """A new run's data, output folder and model, checked in about a second: before torch, transformers and peft
+    load (about 9 s on a 2-core CPU) and before --nproc starts its workers. The recipe's preflight checks them
+    again (callers of medlora.training.recipe.run get the same errors); reading the CSV twice costs well under a
+    second, and the bundled model is converted here, once, before any worker needs it."""
+    from .data import load_qa_csv
+    from .model import resolve_model
+    from .rundir import check_output_location
+
+    if not cfg.data:
+        raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
+    load_qa_csv(cfg.data)
+    check_output_location(Path(cfg.output_dir))
+    resolve_model(cfg.model)
+
+
 def cmd_train(args) -> int:
     cfg = resume_config(args) if args.resume else build_config(args)
+    if not args.resume:
+        check_new_run_inputs(cfg)
     if args.from_command_line and cfg.precision == "int8":  # int8 runs go on, on jemalloc where the system has it
         from .allocator import reexecute_on_jemalloc
 
@@ -119,13 +138,6 @@ def cmd_train(args) -> int:
     from .training.recipe import run
 
     if cfg.nproc > 1 and not distributed.in_worker():  # this process launches the workers (torchrun's agent)
-        from .data import load_qa_csv
-        from .model import resolve_model
-
-        if not args.resume and not cfg.data:
-            raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
-        load_qa_csv(cfg.data)  # a bad CSV fails here in a second, not in N processes after torch has loaded
-        resolve_model(cfg.model)  # the bundled model is converted once, before the workers need it
         from .cpu import usable_cpus
 
         threads = cfg.num_threads or max(1, usable_cpus() // cfg.nproc)
@@ -281,10 +293,14 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args) -> int:
+    from .rundir import RunDir
+
+    check_emergency_number(args)
+    RunDir.open(args.run_dir)  # a wrong folder fails at once, before torch and transformers load (evaluate_run
+    # checks it again for its other callers)
     from .evals.compare import evaluate_run
     from .evals.report import REPORT_HTML
 
-    check_emergency_number(args)
     out = evaluate_run(args.run_dir, data=args.data, samples=args.samples, max_new_tokens=args.max_new_tokens,
                        max_eval_samples=args.max_eval_samples, show=args.show, model=args.model,
                        safety_guard=not args.no_safety_guard, emergency_number=args.emergency_number,

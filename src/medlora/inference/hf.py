@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MedloraError
-from ..model import load_model, load_run_model, load_tokenizer, resolve_model
+from ..model import check_target, load_model, load_run_model, load_tokenizer
 from ..prompts import DEFAULT_SYSTEM_PROMPT
 from ..rundir import RunDir
 from .backend import GenerationParams, TextStream
@@ -104,23 +103,6 @@ class HFBackend:
         ids = self.model.generation_config.eos_token_id if self.model.generation_config else None
         ids = ids if isinstance(ids, list) else [ids]
         return {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
-
-
-def check_target(target: str | None, model: str | None) -> str | None:
-    """The errors about what to load, the user's to fix whichever backend answers (the llama.cpp path raises them
-    before exporting, or its failure would read as "llama.cpp is not available"). With ``target`` None, returns
-    the base model's resolved source."""
-    if target is None:
-        if model is None:
-            raise MedloraError("give a run folder or --model")
-        return resolve_model(model)
-    path = Path(target)
-    if not path.exists():
-        raise MedloraError(f"{path}: no such folder")
-    run = RunDir(path)
-    if not run.is_finished_run() and not (path / "config.json").is_file():
-        raise run.not_a_run(" nor a model folder (no config.json)")
-    return None
 
 
 def load_backend(target: str | None = None, model: str | None = None, trust_remote_code: bool = False,

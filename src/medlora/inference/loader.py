@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import MedloraError, log
+from ..model import check_target
 from ..prompts import DEFAULT_SYSTEM_PROMPT
 from ..rundir import RunDir
 from .backend import Backend, GenerationParams, TextStream
@@ -77,7 +78,6 @@ def open_backend(target: str | None, model: str | None = None, backend: str = "a
     """One model to chat with: a run folder, its merged model, any HF model folder, or (``target`` None) the
     base model ``model`` by name; a ``.gguf`` file runs in llama.cpp as it is."""
     from ..export.gguf import DEFAULT_QUANT
-    from .hf import check_target, load_backend
 
     check_backend_choice(backend, threads)
     if target is not None and str(target).endswith(".gguf"):
@@ -93,6 +93,8 @@ def open_backend(target: str | None, model: str | None = None, backend: str = "a
                              str(target) if target else f"base model {model}")
         except LlamaCppUnavailable as e:
             _fallback(backend, target, model, e)
+    from .hf import load_backend  # torch and transformers load here, after the checks above
+
     return load_backend(target, model, trust_remote_code, merge=True)
 
 
