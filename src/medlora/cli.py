@@ -13,8 +13,8 @@ import os
 import random
 import sys
 import warnings
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from .config import DEFAULT_MODEL, add_config_arguments, build_config
@@ -441,16 +441,32 @@ def main(argv: list[str] | None = None) -> int:
             group = getattr(args, "command", None)
             (parser if group is None else parser._subparsers._group_actions[0].choices[group]).print_help()
             return 2
-        return handler(args)
+        return leave(handler(args), argv)
     except Interrupted as e:
         print(f"medlora: {e}", file=sys.stderr)
-        return 130
+        return leave(130, argv)
     except MedloraError as e:
         print(f"medlora: error: {e}", file=sys.stderr)
-        return 2
+        return leave(2, argv)
     except KeyboardInterrupt:
         print("\nmedlora: interrupted", file=sys.stderr)
-        return 130
+        return leave(130, argv)
+
+
+def leave(code: int, argv: list[str] | None) -> int:
+    """``code``; but a torchrun worker started from the command line exits here, at once, with it.
+
+    Leaving the normal way frees the trainer's DistributedDataParallel (held by the exception's traceback, or by
+    reference cycles until a later garbage collection) after the process group was destroyed, so that freeing it
+    drops gloo's last reference: gloo's destructor then waits for its worker thread while holding the GIL, and a
+    worker thread still freeing a finished all-gather's tensors waits for the GIL. Both wait forever (seen after
+    Ctrl-C with --nproc 2 on one CPU, 2 runs in 3). Everything medlora writes is closed by now (atomic renames and
+    the run folder's lock released); stdout and stderr are flushed first."""
+    if argv is None and "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -251,13 +251,13 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
         run(options)
         return 0
     except ChildFailedError as e:
-        return _report_failure(e.failures, nproc, resume or Path(note).read_text(encoding="utf-8").strip() or None)
+        return _report_failure(e.failures, nproc, _run_dir(resume, note))
     except SignalException as e:
         # Ctrl-C or a kill of this launcher. torchrun starts each worker in a session of its own, so a terminal's
         # Ctrl-C reaches only this process; torchrun passed the signal on to the workers once and waited for them:
         # after SIGINT every rank finished the same optimizer step and checkpointed it (rank 0 said so above)
-        run_dir = resume or Path(note).read_text(encoding="utf-8").strip() or None
-        print(f"medlora: stopped by {e.sigval.name}. {_resume_hint(run_dir)}", file=sys.stderr, flush=True)
+        print(f"medlora: stopped by {e.sigval.name}. {_resume_hint(_run_dir(resume, note))}", file=sys.stderr,
+              flush=True)
         return 130
     finally:
         for k, v in saved.items():
@@ -268,12 +268,18 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
         Path(note).unlink(missing_ok=True)
 
 
+def _run_dir(resume: str | None, note: str) -> str | None:
+    """The job's run folder: the one being resumed, or the one rank 0 claimed and wrote to the note (if it got
+    that far)."""
+    return resume or Path(note).read_text(encoding="utf-8").strip() or None
+
+
 def _resume_hint(run_dir: str | None) -> str:
     checkpoint = RunDir(run_dir).latest_complete_checkpoint() if run_dir else None
     if checkpoint is None:
         return f"No checkpoint was completed in {run_dir}" if run_dir else "No run folder was created"
-    return f"Resume from the last complete checkpoint ({checkpoint.name}) with: medlora train --resume {run_dir} " \
-           "(any --nproc)"
+    return (f"Resume from the last complete checkpoint ({checkpoint.name}) with: medlora train --resume {run_dir} "
+            "(any --nproc)")
 
 
 def _report_failure(failures: dict, nproc: int, run_dir: str | None) -> int:
