@@ -111,11 +111,15 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(uninterrupted, tmp_p
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_resumable_checkpoint(uninterrupted, sample_csv, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_a_resumable_checkpoint(sig, uninterrupted, sample_csv, tiny_model_dir, tmp_path):
+    """Ctrl-C, and SIGTERM (`kill`, `docker stop`, `systemctl stop`, a batch scheduler's preemption), finish the
+    current sample, save a checkpoint and exit with 128 + the signal's number; the run resumes to the same end."""
     out = tmp_path / "interrupted"
-    proc = signal_after_first_checkpoint(sample_csv, out, tiny_model_dir, signal.SIGINT)
+    proc = signal_after_first_checkpoint(sample_csv, out, tiny_model_dir, sig)
     _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig, err
+    assert f"{'Ctrl-C' if sig == signal.SIGINT else 'SIGTERM'}: saving a checkpoint after the current sample" in err
     last = err.strip().splitlines()[-1]
     assert "checkpoint saved" in last and f"medlora train --resume {out}" in last and "Traceback" not in err
     assert not (out / "metrics.json").exists()

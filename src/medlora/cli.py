@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         return leave(handler(args), argv)
     except Interrupted as e:
         print(f"medlora: {e}", file=sys.stderr)
-        return leave(130, argv)
+        return leave(e.code, argv)
     except MedloraError as e:
         print(f"medlora: error: {e}", file=sys.stderr)
         return leave(2, argv)

@@ -10,7 +10,12 @@ class MedloraError(Exception):
 
 
 class Interrupted(MedloraError):
-    """Ctrl-C during training, after a resumable checkpoint was saved (the CLI exits with code 130)."""
+    """Ctrl-C or SIGTERM during training, after a resumable checkpoint was saved; the CLI exits with ``code``
+    (128 + the signal's number, the shell's convention: 130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, code: int = 130):
+        super().__init__(message)
+        self.code = code
 
 
 def log(msg: str) -> None:

@@ -1,5 +1,5 @@
-"""Trainer callbacks: a progress bar that counts samples, checkpoint completeness markers, and Ctrl-C as
-"save a checkpoint and stop"."""
+"""Trainer callbacks: a progress bar that counts samples, checkpoint completeness markers, and Ctrl-C (or
+SIGTERM) as "save a checkpoint and stop"."""
 
 from __future__ import annotations
 
@@ -21,25 +21,36 @@ from ..rundir import RunDir, is_complete, mark_complete
 
 
 class Interrupt:
-    """First Ctrl-C: finish the current sample, save a checkpoint, stop. Second Ctrl-C: stop at once."""
+    """First Ctrl-C (or SIGTERM: a `kill`, `docker stop`, `systemctl stop`, a batch scheduler's preemption): finish
+    the current sample, save a checkpoint, stop. A second one: stop at once.
 
-    def __init__(self):
+    ``terminate=False`` leaves SIGTERM alone. A torchrun worker does: its launcher sends SIGTERM to the survivors
+    when a process dies, and they must go at once, not after more samples that could only fail at the next
+    all-reduce; a SIGTERM to the launcher still ends the job, from the last complete checkpoint."""
+
+    def __init__(self, terminate: bool = True):
         self.requested = False
-        self._previous = None
+        self.signum: int | None = None  # the signal that asked, once one did
+        self._signals = (signal.SIGINT, signal.SIGTERM) if terminate else (signal.SIGINT,)
+        self._previous: dict = {}
 
     def _handler(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
-        log("Ctrl-C: saving a checkpoint after the current sample (press Ctrl-C again to quit without saving)")
+        self.requested, self.signum = True, signum
+        for sig, previous in self._previous.items():  # the next one of either kind takes the usual way out
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        again = "press Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
+        log(f"{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: saving a checkpoint after the current sample "
+            f"({again} to quit without saving)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous = {sig: signal.signal(sig, self._handler) for sig in self._signals}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous)
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for sig, previous in self._previous.items():
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
 def rng_snapshot() -> dict:

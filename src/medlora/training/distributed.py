@@ -255,10 +255,12 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
     except SignalException as e:
         # Ctrl-C or a kill of this launcher. torchrun starts each worker in a session of its own, so a terminal's
         # Ctrl-C reaches only this process; torchrun passed the signal on to the workers once and waited for them:
-        # after SIGINT every rank finished the same optimizer step and checkpointed it (rank 0 said so above)
-        print(f"medlora: stopped by {e.sigval.name}. {_resume_hint(_run_dir(resume, note))}", file=sys.stderr,
+        # after SIGINT every rank finished the same optimizer step and checkpointed it (rank 0 said so above);
+        # SIGTERM ended them at once (training/callbacks.py: Interrupt)
+        lead = "" if e.sigval == signal.SIGINT else "\n"  # a worker ended by SIGTERM left its progress bar mid-line
+        print(f"{lead}medlora: stopped by {e.sigval.name}. {_resume_hint(_run_dir(resume, note))}", file=sys.stderr,
               flush=True)
-        return 130
+        return 128 + int(e.sigval)  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
         for k, v in saved.items():
             if v is None:

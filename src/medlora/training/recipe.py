@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -256,7 +257,7 @@ def train(job: Job, trainer, n_eval: int) -> tuple[dict, Outcome]:
         if main:
             run.remove_checkpoints_after(job.resume_from)
         log(f"resuming from {job.resume_from.name}")
-    interrupt = Interrupt()
+    interrupt = Interrupt(terminate=not distributed.active())  # Interrupt says why a worker leaves SIGTERM alone
     guard = (distributed.DistributedCheckpointGuard if distributed.active() else CheckpointGuard)(interrupt)
     finite = FiniteLoss()
     trainer.add_callback(guard)
@@ -274,12 +275,13 @@ def train(job: Job, trainer, n_eval: int) -> tuple[dict, Outcome]:
         raise MedloraError(f"training stopped at step {finite.bad_step}: the loss became {finite.bad_value} "
                            f"(not a finite number); {kept}. Start a new run with a lower --learning_rate")
     if interrupt.requested:
+        code = 128 + (interrupt.signum or signal.SIGINT)  # 130 on a rank told of another's Ctrl-C
         if trainer.state.global_step == 0:
-            raise Interrupted("stopped before the first optimizer step; nothing to resume (start the run again)")
+            raise Interrupted("stopped before the first optimizer step; nothing to resume (start the run again)", code)
         # distributed: every rank stopped after the same optimizer step, which the Trainer checkpointed
         ckpt = run.checkpoint(trainer.state.global_step) if distributed.active() else guard.save_interrupted(trainer)
         raise Interrupted(f"stopped at step {trainer.state.global_step}/{trainer.state.max_steps}; checkpoint saved "
-                          f"in {ckpt}. Resume with: medlora train --resume {run}")
+                          f"in {ckpt}. Resume with: medlora train --resume {run}", code)
     return base, Outcome(result.training_loss, seconds, tokens_before)
 
 
