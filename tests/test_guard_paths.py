@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from medlora.cli import main
 from medlora.safety import check
 
