@@ -14,7 +14,6 @@ import random
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from .config import DEFAULT_MODEL, add_config_arguments, build_config
@@ -76,57 +75,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
 
 
-def resume_config(args):
-    """The saved configuration of RUN_DIR; options given again must agree with it, except a larger
-    --max_steps, which extends the run."""
-    from dataclasses import fields, replace
-    from pathlib import Path
-
-    from .config import TrainConfig, load_yaml
-    from .rundir import RunDir
-
-    run = RunDir.open(args.resume, finished=False)
-    saved = run.read_config()
-    if saved.data and not Path(saved.data).is_file() and run.read_info().get("data"):
-        saved = replace(saved, data=run.read_info()["data"])  # a relative path saved by release 0.1.0
-    given = build_config(args)
-    explicit = {f.name for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    explicit |= set(load_yaml(args.config)) if args.config else set()
-    explicit.discard("output_dir")  # the run folder is RUN_DIR
-    explicit.discard("nproc")  # how many processes continue the run is this session's choice (default 1)
-
-    def same(key) -> bool:
-        a, b = getattr(given, key), getattr(saved, key)
-        if key == "data" and a and b:
-            return Path(a).resolve() == Path(b).resolve()
-        return a == b or (key == "max_steps" and a > max(b, 0))  # a larger --max_steps extends the run
-
-    differ = [f"{k} (saved {getattr(saved, k)!r}, given {getattr(given, k)!r})" for k in sorted(explicit)
-              if not same(k)]
-    if differ:
-        raise MedloraError("--resume: these options differ from the run's saved configuration: "
-                           + "; ".join(differ) + ". Drop them, or start a new run")
-    saved = replace(saved, nproc=given.nproc)
-    return replace(saved, max_steps=given.max_steps) if "max_steps" in explicit else saved
-
-
-def check_new_run_inputs(cfg) -> None:
-    """A new run's data, output folder and model, checked in about a second: before torch, transformers and peft
-    load (about 9 s on a 2-core CPU) and before --nproc starts its workers. The recipe's preflight checks them
-    again (callers of medlora.training.recipe.run get the same errors); reading the CSV twice costs well under a
-    second, and the bundled model is converted here, once, before any worker needs it."""
-    from .data import load_qa_csv
-    from .model import resolve_model
-    from .rundir import check_output_location
-
-    if not cfg.data:
-        raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
-    load_qa_csv(cfg.data)
-    check_output_location(Path(cfg.output_dir))
-    resolve_model(cfg.model)
-
-
 def cmd_train(args) -> int:
+    from .training.inputs import check_new_run_inputs, resume_config
+
     cfg = resume_config(args) if args.resume else build_config(args)
     if not args.resume:
         check_new_run_inputs(cfg)
