@@ -412,7 +412,8 @@ def leave(code: int, argv: list[str] | None) -> int:
     drops gloo's last reference: gloo's destructor then waits for its worker thread while holding the GIL, and a
     worker thread still freeing a finished all-gather's tensors waits for the GIL. Both wait forever (seen after
     Ctrl-C with --nproc 2 on one CPU, 2 runs in 3). Everything medlora writes is closed by now (atomic renames and
-    the run folder's lock released); stdout and stderr are flushed first."""
+    the run folder's lock released); stdout and stderr are flushed first. (The test is training/distributed.py's
+    in_worker and world_size, read here from the environment: importing that module loads torch.)"""
     if argv is None and "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -36,8 +36,7 @@ class Interrupt:
 
     def _handler(self, signum, frame):
         self.requested, self.signum = True, signum
-        for sig, previous in self._previous.items():  # the next one of either kind takes the usual way out
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._restore()  # the next one of either kind takes the usual way out
         again = "press Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
         log(f"{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: saving a checkpoint after the current sample "
             f"({again} to quit without saving)")
@@ -49,8 +48,11 @@ class Interrupt:
 
     def __exit__(self, *exc):
         if self._previous and threading.current_thread() is threading.main_thread():
-            for sig, previous in self._previous.items():
-                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+            self._restore()
+
+    def _restore(self):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
 def rng_snapshot() -> dict:

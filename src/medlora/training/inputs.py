@@ -42,13 +42,18 @@ def resume_config(args):
     return replace(saved, max_steps=given.max_steps) if "max_steps" in explicit else saved
 
 
+def read_data(cfg) -> tuple:
+    """load_qa_csv's result for cfg.data, or one line saying --data is missing."""
+    if not cfg.data:
+        raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
+    return load_qa_csv(cfg.data)
+
+
 def check_new_run_inputs(cfg) -> None:
     """A new run's data, output folder and model, checked in about a second: before torch, transformers and peft
     load (about 9 s on a 2-core CPU) and before --nproc starts its workers. The recipe's preflight checks them
     again (callers of medlora.training.recipe.run get the same errors); reading the CSV twice costs well under a
     second, and the bundled model is converted here, once, before any worker needs it."""
-    if not cfg.data:
-        raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
-    load_qa_csv(cfg.data)
+    read_data(cfg)
     check_output_location(Path(cfg.output_dir))
     resolve_model(cfg.model)

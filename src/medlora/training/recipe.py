@@ -25,12 +25,13 @@ from ..allocator import release_freed_memory
 from ..config import TrainConfig
 from ..cpu import (SpeedPlan, cpu_has_native_bf16, cpu_summary, precision_reason, resolve_checkpointing,
                    resolve_precision)
-from ..data import DataReport, EncodedSplit, encode_frame, load_qa_csv, split
+from ..data import DataReport, EncodedSplit, encode_frame, split
 from ..errors import Interrupted, MedloraError, log
 from ..model import find_lora_targets, load_model, load_tokenizer, resolve_model
 from ..rundir import RunDir, check_output_location, claim_output_dir, file_sha256
 from . import distributed
 from .callbacks import CheckpointGuard, FiniteLoss, Interrupt
+from .inputs import read_data
 from .int8 import parameter_counts, quantize_frozen_linears
 from .lighter import lighten_activations
 from .losses import accepts_logits_to_keep
@@ -71,9 +72,7 @@ class Outcome:
 def preflight(cfg: TrainConfig, resume: str | Path | None, claimed: Path | None = None) -> Job:
     """Validate the data, the run folder and (when resuming) its checkpoints, before any model loads.
     ``claimed``: the folder rank 0 claimed and locked (the other ranks of a distributed run neither claim nor lock)."""
-    if not cfg.data:
-        raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
-    table = load_qa_csv(cfg.data)  # fast fail on a bad CSV before even resolving the model
+    table = read_data(cfg)  # fast fail on a bad CSV before even resolving the model
     cfg = replace(cfg, data=str(Path(cfg.data).resolve()))  # saved absolute: --resume works from anywhere
     sha = file_sha256(cfg.data)
     if not resume:
