@@ -95,6 +95,9 @@ class _CaptureStderr:
         return lines[0].split(": ", 1)[-1][:200] if lines else ""
 
 
+_NEVER_FREED: list = []
+
+
 class LlamaCppBackend:
     name = "llamacpp"
 
@@ -131,11 +134,32 @@ class LlamaCppBackend:
             why = log.reason()
             raise MedloraError(f"llama.cpp cannot load {path}" + (f": {why}" if why else " (not a GGUF model?)"))
         self._server = server
+        self._wait_listening()
         self.path = path
         self.threads = threads
         self.n_ctx = int(n_ctx)
         self.system_prompt = system_prompt
         self.description = description or f"{path} (llama.cpp, {threads} thread{'s' if threads > 1 else ''})"
+
+    def _wait_listening(self, limit_s: float = 30.0) -> None:
+        """Return once llama.cpp's HTTP thread accepts connections. Measured: a Server freed before its thread
+        listens hangs for ever in its destructor (cpp-httplib's stop() is a no-op until listening starts, so the
+        thread's join never returns); any later free takes ~0.1 s. Bounded: 30 s, then a one-line error."""
+        import time
+        import urllib.error
+
+        deadline = time.monotonic() + limit_s
+        while True:
+            try:
+                with urllib.request.urlopen(self._server.listening_address + "/health", timeout=5):
+                    return
+            except urllib.error.HTTPError:  # an answer (e.g. 503 while loading) means it listens
+                return
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    _NEVER_FREED.append(self._server)  # freeing it would hang (above): left to the process's exit
+                    raise MedloraError(f"llama.cpp's server thread did not start: {e}") from None
+                time.sleep(0.01)
 
     # -- llama.cpp's own HTTP routes (template, tokenizer), on its loopback port
     def _post(self, route: str, body: dict) -> dict:
