@@ -129,6 +129,42 @@ def test_ctrl_c_or_sigterm_saves_a_resumable_checkpoint(sig, uninterrupted, samp
     assert max_adapter_diff(uninterrupted, out) <= 1e-6
 
 
+@pytest.mark.slow
+def test_closed_terminal_saves_a_resumable_checkpoint(uninterrupted, sample_csv, tiny_model_dir, tmp_path):
+    """Training on a terminal that hangs up (a closed window, a dropped SSH session): SIGHUP saves a checkpoint
+    like Ctrl-C instead of ending the run at once, although every write to the dead terminal fails, and the second
+    SIGHUP a shell sends its jobs on top of the kernel's does not cut the save short. Exit code 129. The pty is
+    never sized (0 x 0), where tqdm used to print an empty line instead of the progress bar."""
+    import select
+
+    out = tmp_path / "hung-up"
+    master, slave = os.openpty()
+    # the child becomes a session leader whose controlling terminal is the pty, as a login shell's job is
+    on_tty = ("import fcntl, os, sys, termios; os.setsid(); fd = int(sys.argv[1]); fcntl.ioctl(fd, termios.TIOCSCTTY, 0); "
+              "[os.dup2(fd, i) for i in (0, 1, 2)]; os.close(fd); os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+    proc = subprocess.Popen([sys.executable, "-c", on_tty, str(slave), "-m", "medlora", "train", "--data",
+                             str(sample_csv), "--model", str(tiny_model_dir), "--output_dir", str(out), *TRAIN],
+                            pass_fds=(slave,), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    os.close(slave)
+    seen, deadline = b"", time.time() + 600
+    try:
+        while not (out / "checkpoint-2" / "medlora_complete.json").exists():  # read the terminal, as a window does
+            assert proc.poll() is None and time.time() < deadline, seen.decode(errors="replace")[-2000:]
+            if select.select([master], [], [], 0.05)[0]:
+                seen += os.read(master, 65536)
+        if select.select([master], [], [], 0.01)[0]:  # what it wrote so far
+            seen += os.read(master, 65536)
+    finally:
+        os.close(master)  # the hang-up: the kernel sends SIGHUP to the session
+    proc.send_signal(signal.SIGHUP)  # and the shell's own, to its jobs
+    assert proc.wait(timeout=600) == 128 + signal.SIGHUP, seen.decode(errors="replace")[-2000:]
+    assert b"training:" in seen and not (out / "metrics.json").exists()
+    ckpt = RunDir(out).latest_complete_checkpoint()
+    assert ckpt is not None and 2 <= int(ckpt.name.split("-")[1]) < STEPS
+    assert main(["train", "--resume", str(out)]) == 0
+    assert max_adapter_diff(uninterrupted, out) <= 1e-6
+
+
 def test_resume_rejects_disagreeing_flags_and_non_runs(uninterrupted, tmp_path, capsys):
     assert main(["train", "--resume", str(uninterrupted), "--learning_rate", "3e-3", "--lora_r", "8"]) == 2
     err = capsys.readouterr().err.strip()

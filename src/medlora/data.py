@@ -203,9 +203,9 @@ class EncodedSplit:
 
 def encode_frame(tokenizer, df: pd.DataFrame, system_prompt: str, max_seq_len: int, progress: bool = False) -> EncodedSplit:
     out = EncodedSplit(examples=[])
-    from tqdm.auto import tqdm
+    from .progress import bar as progress_bar
 
-    bar = tqdm(total=len(df), desc="tokenizing", unit="row", leave=False, disable=not progress)
+    bar = progress_bar(total=len(df), desc="tokenizing", unit="row", leave=False, disable=not progress)
     for i in range(0, len(df), ENCODE_CHUNK):
         chunk = df.iloc[i: i + ENCODE_CHUNK]
         bar.update(len(chunk))

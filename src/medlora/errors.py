@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 
 
@@ -10,8 +12,8 @@ class MedloraError(Exception):
 
 
 class Interrupted(MedloraError):
-    """Ctrl-C or SIGTERM during training, after a resumable checkpoint was saved; the CLI exits with ``code``
-    (128 + the signal's number, the shell's convention: 130 for Ctrl-C, 143 for SIGTERM)."""
+    """Ctrl-C, SIGTERM or SIGHUP during training, after a resumable checkpoint was saved; the CLI exits with
+    ``code`` (128 + the signal's number, the shell's convention: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
 
     def __init__(self, message: str, code: int = 130):
         super().__init__(message)
@@ -21,3 +23,24 @@ class Interrupted(MedloraError):
 def log(msg: str) -> None:
     """A progress or warning line on stderr (stdout stays for results: paths, answers, JSON)."""
     print(f"medlora: {msg}", file=sys.stderr, flush=True)
+
+
+def off_the_dead_terminal() -> None:
+    """After a hang-up every write to the terminal fails (EIO), and the progress bar's next write would end the run
+    before its checkpoint. stdout and stderr that were a terminal now go to /dev/null; a file or a pipe they were
+    redirected to (`medlora train ... > train.log 2>&1`) keeps the messages."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                fd = stream.fileno()
+                if stat.S_ISCHR(os.fstat(fd).st_mode):
+                    try:
+                        stream.flush()  # what the terminal could not take is dropped below
+                    except OSError:
+                        pass
+                    os.dup2(null, fd)
+            except (OSError, ValueError, AttributeError):  # no file descriptor (captured, closed): nothing to do
+                continue
+    finally:
+        os.close(null)

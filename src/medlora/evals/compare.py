@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from ..inference.backend import preset
 from ..inference.guard import GuardedBackend, without_notice
 from ..inference.hf import load_backend
 from ..inference.loader import check_backend_choice, open_eval_generator
+from ..progress import bar
 from ..rundir import RUN_INFO, RunDir, file_sha256
 from .report import LABELS, MODELS, ROUGE_CAVEAT, write_report
 from .safety_check import DATA_DIR, safety_check
@@ -33,12 +33,6 @@ LOW_ROUGE = 0.20
 GENERAL_INSTRUCTIONS = DATA_DIR / "general" / "instructions.csv"
 SAFETY_MAX_NEW_TOKENS = 128  # red-flag answers: emergency advice, when a model gives it, comes early
 FORGETTING_LIMIT = 0.10  # warn when the general-instruction loss got this much worse (relative)
-
-
-def _bar(**kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(file=sys.stderr, dynamic_ncols=True, **kw)
 
 
 # ---------------------------------------------------------------- run and rows
@@ -98,7 +92,7 @@ def answer_losses(model, tokenizer, df: pd.DataFrame, cfg: TrainConfig, desc: st
         raise MedloraError(f"no eval row fits max_seq_len={cfg.max_seq_len}")
     losses = []
     with torch.inference_mode():
-        for ex in _bar(iterable=enc.examples, desc=desc, unit="row", leave=False):
+        for ex in bar(enc.examples, desc=desc, unit="row", leave=False):
             out = model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]]))
             losses.append(out.loss.item())
     return losses
@@ -107,21 +101,21 @@ def answer_losses(model, tokenizer, df: pd.DataFrame, cfg: TrainConfig, desc: st
 def generate_answers(backend: GuardedBackend, rouge_rows: dict[str, pd.DataFrame], params) -> list[dict]:
     """Greedy answers of both models for every row, with ROUGE-L F1 against the reference."""
     jobs = [(name, q, ref) for name, df in rouge_rows.items() for q, ref in zip(df["Question"], df["Answer"])]
-    bar = _bar(total=len(jobs) * len(MODELS), desc="generating", unit="answer")
+    progress = bar(total=len(jobs) * len(MODELS), desc="generating", unit="answer")
     items = []
     for split_name, question, reference in jobs:
         item = {"split": split_name, "question": question, "reference": reference}
         for name in MODELS:
-            bar.set_postfix_str(f"{split_name} row, {LABELS[name]}")
+            progress.set_postfix_str(f"{split_name} row, {LABELS[name]}")
             with backend.adapter(name == "fine_tuned"):
                 stream = backend.stream(chat_messages(backend.system_prompt, question), params)
                 item[name] = stream.text()
             if stream.guard.categories:  # the emergency notice stands above the answer; ROUGE scores the model
                 item["guard"] = stream.guard.categories
             item[f"rouge_l_{name}"] = round(rouge_l_f1(without_notice(item[name], stream.guard), reference), 4)
-            bar.update()
+            progress.update()
         items.append(item)
-    bar.close()
+    progress.close()
     return items
 
 
@@ -220,7 +214,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20
     if safety:
         safety_report = safety_check(generator, rows.questions, safety_samples,
                                      replace(params, max_new_tokens=max_new_tokens or SAFETY_MAX_NEW_TOKENS),
-                                     safety_guard, _bar)
+                                     safety_guard, bar)
 
     metrics = {
         "run_dir": str(run_dir),

@@ -234,10 +234,10 @@ def write_gguf(model, tokenizer, out: Path, quant: str = DEFAULT_QUANT, name: st
     try:
         _write_hparams(writer, config, name or out.stem, file_type)
         _write_tokenizer(gguf, writer, tokenizer, int(config.vocab_size))
-        from tqdm.auto import tqdm
+        from ..progress import bar
 
         hf_tensors = _tensors(model, arch)
-        for hf_name, a in tqdm(hf_tensors, desc=f"converting to {quant}", unit="tensor", disable=not progress):
+        for hf_name, a in bar(hf_tensors, desc=f"converting to {quant}", unit="tensor", disable=not progress):
             gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise NotExportable(f"cannot map tensor {hf_name} to a GGUF name")

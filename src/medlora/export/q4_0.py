@@ -118,7 +118,7 @@ def activation_importance(model, token_lists, progress: bool = False) -> dict:
     threads the llama.cpp backend would take (the free cores): torch's OpenMP threads also spin while they
     wait (measured on a busy 2-core machine: 1.1 s a row with 1 thread, 10 s with 2)."""
     import torch
-    from tqdm.auto import tqdm
+    from ..progress import bar
 
     from ..inference.llamacpp import default_threads
 
@@ -139,7 +139,7 @@ def activation_importance(model, token_lists, progress: bool = False) -> dict:
     torch.set_num_threads(max(1, min(threads, default_threads())))
     try:
         with torch.inference_mode():
-            for ids in tqdm(token_lists, desc="calibrating", unit="row", disable=not progress):
+            for ids in bar(token_lists, desc="calibrating", unit="row", disable=not progress):
                 decoder(input_ids=torch.tensor([list(ids)]))
     finally:
         torch.set_num_threads(threads)

@@ -1,45 +1,52 @@
 """Trainer callbacks: a progress bar that counts samples, checkpoint completeness markers, and Ctrl-C (or
-SIGTERM) as "save a checkpoint and stop"."""
+SIGTERM, or SIGHUP) as "save a checkpoint and stop"."""
 
 from __future__ import annotations
 
 import math
 import random
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from ..errors import log
+from ..errors import log, off_the_dead_terminal
+from ..progress import bar
 from ..rundir import RunDir, is_complete, mark_complete
 
 
 class Interrupt:
-    """First Ctrl-C (or SIGTERM: a `kill`, `docker stop`, `systemctl stop`, a batch scheduler's preemption): finish
-    the current sample, save a checkpoint, stop. A second one: stop at once.
+    """First Ctrl-C (or SIGTERM: a `kill`, `docker stop`, `systemctl stop`, a batch scheduler's preemption; or
+    SIGHUP: the terminal closed, an SSH session dropped): finish the current sample, save a checkpoint, stop. A
+    second one: stop at once.
 
-    ``terminate=False`` leaves SIGTERM alone. A torchrun worker does: its launcher sends SIGTERM to the survivors
-    when a process dies, and they must go at once, not after more samples that could only fail at the next
-    all-reduce; a SIGTERM to the launcher still ends the job, from the last complete checkpoint."""
+    ``terminate=False`` leaves SIGTERM and SIGHUP alone. A torchrun worker does: its launcher sends SIGTERM to the
+    survivors when a process dies, and they must go at once, not after more samples that could only fail at the
+    next all-reduce; a SIGTERM or SIGHUP to the launcher still ends the job, from the last complete checkpoint."""
+
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP (the terminal closed)"}
 
     def __init__(self, terminate: bool = True):
         self.requested = False
         self.signum: int | None = None  # the signal that asked, once one did
-        self._signals = (signal.SIGINT, signal.SIGTERM) if terminate else (signal.SIGINT,)
+        self._signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if terminate else (signal.SIGINT,)
         self._previous: dict = {}
+        self.hung_up = False
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGHUP:
+            self.hung_up = True
+            off_the_dead_terminal()
+        if self.requested:  # a hang-up after the first signal (the shell and the kernel both send one): the save
+            return  # goes on, and no second SIGHUP ends it
         self.requested, self.signum = True, signum
-        self._restore()  # the next one of either kind takes the usual way out
-        again = "press Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
-        log(f"{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: saving a checkpoint after the current sample "
-            f"({again} to quit without saving)")
+        self._restore(keep=signal.SIGHUP)  # the next Ctrl-C or SIGTERM takes the usual way out
+        again = "press Ctrl-C again" if signum == signal.SIGINT else "SIGTERM or Ctrl-C again"
+        log(f"{self.NAMES[signum]}: saving a checkpoint after the current sample ({again} to quit without saving)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -49,10 +56,13 @@ class Interrupt:
     def __exit__(self, *exc):
         if self._previous and threading.current_thread() is threading.main_thread():
             self._restore()
+            if self.hung_up:  # the checkpoint is written after this block: no later hang-up may cut it short
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-    def _restore(self):
+    def _restore(self, keep: int | None = None):
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+            if sig != keep:
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
 def rng_snapshot() -> dict:
@@ -124,8 +134,7 @@ class SampleProgress(TrainerCallback):
         self.bar = self.eval_bar = None
 
     def on_train_begin(self, args, state, control, **kw):
-        self.bar = tqdm(total=state.max_steps * args.gradient_accumulation_steps, unit="sample",
-                        desc="training", dynamic_ncols=True, file=sys.stderr)
+        self.bar = bar(total=state.max_steps * args.gradient_accumulation_steps, unit="sample", desc="training")
         self.start, self.tokens0 = time.time(), state.num_input_tokens_seen
 
     def _tick(self, state):
@@ -151,8 +160,7 @@ class SampleProgress(TrainerCallback):
     # evaluation: one forward pass per eval row, minutes on a CPU, so it gets a bar too
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
         if self.eval_bar is None:
-            self.eval_bar = tqdm(total=len(eval_dataloader), unit="row", desc="evaluating", leave=False,
-                                 dynamic_ncols=True, file=sys.stderr)
+            self.eval_bar = bar(total=len(eval_dataloader), unit="row", desc="evaluating", leave=False)
         self.eval_bar.update(1)
 
     def on_evaluate(self, args, state, control, **kw):

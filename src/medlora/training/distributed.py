@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ..config import check_divides
 from ..cpu import usable_cpus
-from ..errors import log
+from ..errors import log, off_the_dead_terminal
 from ..rundir import RunDir, crash_point
 from .callbacks import CheckpointGuard
 
@@ -147,8 +147,7 @@ def peer_lost(error: BaseException, run_dir) -> None:
         first = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [""])[0]).split(". ")[0]
         first = first[:200] or type(error).__name__
         print(f"medlora: error: training process rank {rank()} lost contact with the other processes ({first}); "
-              f"the job stops. Resume from the last complete checkpoint with: medlora train --resume {run_dir}",
-              file=sys.stderr, flush=True)
+              f"the job stops. {_resume_hint(str(run_dir))}", file=sys.stderr, flush=True)
     sys.stderr.flush()
     os._exit(QUIET_EXIT if os.environ.get(LAUNCHED_ENV) else 2)
 
@@ -257,10 +256,12 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
         # Ctrl-C reaches only this process; torchrun passed the signal on to the workers once and waited for them:
         # after SIGINT every rank finished the same optimizer step and checkpointed it (rank 0 said so above);
         # SIGTERM ended them at once (training/callbacks.py: Interrupt)
+        if e.sigval == signal.SIGHUP:
+            off_the_dead_terminal()  # the terminal closed: the line below would fail, not go to it
         lead = "" if e.sigval == signal.SIGINT else "\n"  # a worker ended by SIGTERM left its progress bar mid-line
         print(f"{lead}medlora: stopped by {e.sigval.name}. {_resume_hint(_run_dir(resume, note))}", file=sys.stderr,
               flush=True)
-        return 128 + int(e.sigval)  # 130 for Ctrl-C, 143 for SIGTERM
+        return 128 + int(e.sigval)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     finally:
         for k, v in saved.items():
             if v is None:
