@@ -470,13 +470,34 @@ def test_cli_exports_a_run_with_its_adapter_merged(tiny_run, tiny_model_dir, cap
      "argument --quant: invalid choice: 'q5_k' (choose from 'f16', 'q8_0', 'q4_0')"),
     (["export", "{empty}"], "{empty}: not a medlora run folder (no adapter/ with config.yaml) nor a model folder "
                             "(no config.json)"),
+    # where the file cannot go: said before the model loads, not as a traceback after it
+    (["export", "{run}", "--output", "{empty}"], "--output {empty} is a folder; give a file name"),
+    (["export", "{run}", "--output", "{file}/sub/x.gguf"],
+     "cannot create --output folder {file}/sub: {file} is a file, not a folder"),
 ])
-def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys, args, message):
-    paths = {"missing": tmp_path / "nope", "run": tiny_run, "empty": tmp_path}
+def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys, args, message, monkeypatch):
+    import medlora.model
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(medlora.model, "load_run_model", no_loading)
+    (tmp_path / "a-file").write_text("x")
+    paths = {"missing": tmp_path / "nope", "run": tiny_run, "empty": tmp_path, "file": tmp_path / "a-file"}
     assert main([a.format(**paths) for a in args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.strip() == "medlora: error: " + message.format(**paths)
+
+
+def test_export_to_an_unwritable_folder_is_one_line_before_loading(tiny_run, capsys, monkeypatch):
+    """/proc takes no new files, even from root (the traceback this replaces came after the model had loaded)."""
+    import medlora.model
+
+    monkeypatch.setattr(medlora.model, "load_run_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    assert main(["export", str(tiny_run), "--output", "/proc/x.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("medlora: error: cannot write to --output folder /proc (")
 
 
 def test_qwen2_pre_tokenizer_splits_text_as_transformers_does(tiny_model_dir, tmp_path):

@@ -130,23 +130,30 @@ def unique_output_dir(path: str | Path) -> Path:
     return candidate
 
 
-def check_output_location(path: Path, need_bytes: int = 0) -> None:
+def check_output_location(path: Path, need_bytes: int = 0, label: str = "output_dir") -> None:
     """Fail before training if the run folder cannot be written or the disk is too full."""
     probe = path
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise MedloraError(f"cannot create output_dir {path}: {probe} is a file, not a folder")
+        raise MedloraError(f"cannot create {label} {path}: {probe} is a file, not a folder")
     try:
         fd, name = tempfile.mkstemp(dir=probe, prefix=".medlora-write-test")
         os.close(fd)
         os.remove(name)
     except OSError as e:
-        raise MedloraError(f"cannot write to output_dir {path} ({e.strerror})") from None
+        raise MedloraError(f"cannot write to {label} {path} ({e.strerror})") from None
     free = shutil.disk_usage(probe).free
     if need_bytes and free < need_bytes:
         raise MedloraError(f"not enough free disk for {path}: need about {need_bytes / 1e9:.1f} GB for checkpoints "
                            f"and artifacts, {free / 1e9:.1f} GB free")
+
+
+def check_output_file(path: Path, label: str) -> None:
+    """Fail before slow work (loading a model) if the file ``path`` cannot be written where it is to go."""
+    if path.is_dir():
+        raise MedloraError(f"{label} {path} is a folder; give a file name")
+    check_output_location(path.parent, label=f"{label} folder")
 
 
 def claim_output_dir(path: str | Path) -> "RunDir":

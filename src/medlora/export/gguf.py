@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import MedloraError, log
 from ..prompts import DEFAULT_SYSTEM_PROMPT
-from ..rundir import EXPORT, MODELFILE, RunDir
+from ..rundir import EXPORT, MODELFILE, RunDir, check_output_file
 from .q4_0 import activation_importance, calibration_tokens, keeps_q8_0, q4_0_weighted
 
 QUANTS = ("f16", "q8_0", "q4_0")
@@ -249,9 +249,14 @@ def write_gguf(model, tokenizer, out: Path, quant: str = DEFAULT_QUANT, name: st
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, out)
-    except BaseException:
-        writer.close()
+    except BaseException as e:
+        try:
+            writer.close()
+        except OSError:
+            pass
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, a folder made read-only meanwhile: one line, nothing half-written
+            raise MedloraError(f"cannot write {out}: {e.strerror or e}") from None
         raise
     return out
 
@@ -310,23 +315,23 @@ def export(target: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | 
         raise MedloraError(f"{path}: no such folder")
     run = RunDir(path)
     if run.is_finished_run():
-        peft_model, tokenizer, _ = load_run_model(run, trust_remote_code=trust_remote_code)
-        model = peft_model.merge_and_unload()
-        home, prompt = run, run.system_prompt() or DEFAULT_SYSTEM_PROMPT
+        home = run
     elif (path / "config.json").is_file():
-        model, tokenizer = load_model(str(path), trust_remote_code), load_tokenizer(str(path), trust_remote_code)
-        home, prompt = RunDir(path), DEFAULT_SYSTEM_PROMPT
-        if RunDir.is_merged_model(path):
-            home = RunDir(path.parent)
-            prompt = home.system_prompt() or prompt
+        home = RunDir(path.parent) if RunDir.is_merged_model(path) else RunDir(path)
     else:
         raise run.not_a_run(" nor a model folder (no config.json)")
-    if announce:  # once the model has loaded: a model that cannot load reports that alone, in one line
-        log(announce)
     name = home.path.resolve().name
     out = Path(output) if output else home.path / EXPORT / f"{name}-{quant}.gguf"
-    if out.is_dir():
-        raise MedloraError(f"--output {out} is a folder; give a file name (NAME.gguf)")
+    check_output_file(out, "--output")  # before the model loads (seconds to minutes), not after
+    if home is run:
+        peft_model, tokenizer, _ = load_run_model(run, trust_remote_code=trust_remote_code)
+        model = peft_model.merge_and_unload()
+        prompt = run.system_prompt() or DEFAULT_SYSTEM_PROMPT
+    else:
+        model, tokenizer = load_model(str(path), trust_remote_code), load_tokenizer(str(path), trust_remote_code)
+        prompt = (home.system_prompt() if RunDir.is_merged_model(path) else None) or DEFAULT_SYSTEM_PROMPT
+    if announce:  # once the model has loaded: a model that cannot load reports that alone, in one line
+        log(announce)
     importance = None
     if quant == "q4_0":
         tokens, source = calibration_tokens(home if home.is_finished_run() else None, tokenizer)
