@@ -466,6 +466,7 @@ def test_cli_exports_a_run_with_its_adapter_merged(tiny_run, tiny_model_dir, cap
 
 @pytest.mark.parametrize("args, message", [
     (["export", "{missing}"], "{missing}: no such folder"),
+    (["export", "{file}"], "{file}: a file, not a folder; give a run folder"),
     (["export", "{run}", "--quant", "q5_k"],
      "argument --quant: invalid choice: 'q5_k' (choose from 'f16', 'q8_0', 'q4_0')"),
     (["export", "{empty}"], "{empty}: not a medlora run folder (no adapter/ with config.yaml) nor a model folder "

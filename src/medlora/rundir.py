@@ -149,6 +149,11 @@ def check_output_location(path: Path, need_bytes: int = 0, label: str = "output_
                            f"and artifacts, {free / 1e9:.1f} GB free")
 
 
+def not_a_folder(path: Path) -> MedloraError:
+    """The error for a path given where a folder belongs: missing, or a file (a .gguf, a CSV)."""
+    return MedloraError(f"{path}: a file, not a folder; give a run folder" if path.exists() else f"{path}: no such folder")
+
+
 def check_output_file(path: Path, label: str) -> None:
     """Fail before slow work (loading a model) if the file ``path`` cannot be written where it is to go."""
     if path.is_dir():
@@ -249,7 +254,7 @@ class RunDir:
         that has a configuration but no adapter yet (one to resume)."""
         run = cls(path)
         if not run.path.is_dir():
-            raise MedloraError(f"{run.path}: no such folder")
+            raise not_a_folder(run.path)
         if not (run.is_finished_run() if finished else run.config_file.is_file()):
             raise run.not_a_run()
         return run

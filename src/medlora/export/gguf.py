@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import MedloraError, log
 from ..prompts import DEFAULT_SYSTEM_PROMPT
-from ..rundir import EXPORT, MODELFILE, RunDir, check_output_file
+from ..rundir import EXPORT, MODELFILE, RunDir, check_output_file, not_a_folder
 from .q4_0 import activation_importance, calibration_tokens, keeps_q8_0, q4_0_weighted
 
 QUANTS = ("f16", "q8_0", "q4_0")
@@ -312,7 +312,7 @@ def export(target: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | 
         raise MedloraError(f"unknown quantization {quant!r}; choose {', '.join(QUANTS)}")
     path = Path(target)
     if not path.is_dir():
-        raise MedloraError(f"{path}: no such folder")
+        raise not_a_folder(path)
     run = RunDir(path)
     if run.is_finished_run():
         home = run
