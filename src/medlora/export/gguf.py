@@ -317,7 +317,8 @@ def export(target: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | 
     if run.is_finished_run():
         home = run
     elif (path / "config.json").is_file():
-        home = RunDir(path.parent) if RunDir.is_merged_model(path) else RunDir(path)
+        merged = RunDir.is_merged_model(path)  # a run's merged_model/: the run names the file and the prompt
+        home = RunDir(path.parent) if merged else RunDir(path)
     else:
         raise run.not_a_run(" nor a model folder (no config.json)")
     name = home.path.resolve().name
@@ -329,7 +330,7 @@ def export(target: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | 
         prompt = run.system_prompt() or DEFAULT_SYSTEM_PROMPT
     else:
         model, tokenizer = load_model(str(path), trust_remote_code), load_tokenizer(str(path), trust_remote_code)
-        prompt = (home.system_prompt() if RunDir.is_merged_model(path) else None) or DEFAULT_SYSTEM_PROMPT
+        prompt = (home.system_prompt() if merged else None) or DEFAULT_SYSTEM_PROMPT
     if announce:  # once the model has loaded: a model that cannot load reports that alone, in one line
         log(announce)
     importance = None

@@ -122,6 +122,7 @@ class LlamaCppBackend:
         p.n_gpu_layers = 0
         p.verbosity = 1  # errors only
         p.warmup = False
+        p.endpoint_slots = True  # llama.cpp's default, said here: _wait_ready asks /slots
         p.hostnames = ["127.0.0.1"]  # loopback only (llama.cpp's default too; said here so it stays so)
         self._key = secrets.token_urlsafe(24)
         p.api_keys = [self._key]
