@@ -77,7 +77,7 @@ def _hf_greedy(model, tok, n=N_TOKENS) -> tuple[list[int], list[int]]:
 
 def _cpp_greedy(backend, prompt: list[int], n=N_TOKENS) -> list[int]:
     """llama.cpp's greedy continuation of these prompt tokens, as token ids (its /completion route)."""
-    reply = backend._post("/completion", {"prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1,
+    reply = backend._call("/completion", {"prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1,
                                           "ignore_eos": True, "return_tokens": True})
     return reply["tokens"]
 

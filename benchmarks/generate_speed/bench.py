@@ -147,7 +147,7 @@ def run_llamacpp(paths: dict, quant: str, messages: list[dict], new_tokens: int,
     def once(msgs, n):
         prompt = backend.tokenize(backend.format_prompt(msgs))
         t0 = time.perf_counter()
-        reply = backend._post("/completion", {"prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1,
+        reply = backend._call("/completion", {"prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1,
                                               "ignore_eos": True, "cache_prompt": False})
         wall = time.perf_counter() - t0
         t = reply["timings"]

@@ -150,8 +150,7 @@ class LlamaCppBackend:
         import time
 
         deadline = time.monotonic() + limit_s
-        req = urllib.request.Request(self._server.listening_address + "/slots",
-                                     headers={"Authorization": f"Bearer {self._key}"})
+        req = self._request("/slots")
         while True:
             try:
                 with urllib.request.urlopen(req, timeout=limit_s):
@@ -163,35 +162,31 @@ class LlamaCppBackend:
                 time.sleep(0.01)
 
     # -- llama.cpp's own HTTP routes (template, tokenizer), on its loopback port
-    def _post(self, route: str, body: dict) -> dict:
-        req = urllib.request.Request(self._server.listening_address + route, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json",
-                                              "Authorization": f"Bearer {self._key}"})
+    def _request(self, route: str, body: dict | None = None) -> urllib.request.Request:
+        """A GET (no ``body``) or a JSON POST to ``route``, with this backend's API key."""
+        headers = {"Authorization": f"Bearer {self._key}"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        data = None if body is None else json.dumps(body).encode()
+        return urllib.request.Request(self._server.listening_address + route, data=data, headers=headers)
+
+    def _call(self, route: str, body: dict | None = None) -> dict:
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
+            with urllib.request.urlopen(self._request(route, body), timeout=60) as r:
                 return json.loads(r.read())
         except OSError as e:
             raise MedloraError(f"llama.cpp {route} failed: {e}") from None
 
     def format_prompt(self, messages: list[dict]) -> str:
         """The prompt text llama.cpp makes of these messages (the GGUF's chat template, generation prompt added)."""
-        return self._post("/apply-template", {"messages": messages})["prompt"]
+        return self._call("/apply-template", {"messages": messages})["prompt"]
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids as llama.cpp encodes a prompt (special tokens parsed; BOS added where the model adds it)."""
-        return self._post("/tokenize", {"content": text, "add_special": True, "parse_special": True})["tokens"]
-
-    def _get(self, route: str) -> dict:
-        req = urllib.request.Request(self._server.listening_address + route,
-                                     headers={"Authorization": f"Bearer {self._key}"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return json.loads(r.read())
-        except OSError as e:
-            raise MedloraError(f"llama.cpp {route} failed: {e}") from None
+        return self._call("/tokenize", {"content": text, "add_special": True, "parse_special": True})["tokens"]
 
     def eos_id(self) -> int | None:
-        ids = self.tokenize(self._get("/props").get("eos_token") or "")
+        ids = self.tokenize(self._call("/props").get("eos_token") or "")
         return ids[0] if len(ids) == 1 else None
 
     def answer_logprobs(self, prompt_ids: list[int], answer_ids: list[int]) -> list[float]:
@@ -212,7 +207,7 @@ class LlamaCppBackend:
                 "temperature": 0, "top_k": 1, "cache_prompt": False}
         if forced is not answer:  # of the end-of-generation tokens a complete grammar allows, take this one (the
             body["logit_bias"] = [[eos, 100.0]]  # bias acts in the sampler only: the reported logprob is unbiased
-        reply = self._post("/completion", body)
+        reply = self._call("/completion", body)
         probs = reply.get("completion_probabilities") or []
         got = [c["id"] for c in probs]
         if got != answer:
