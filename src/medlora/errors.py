@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
@@ -34,13 +35,12 @@ def off_the_dead_terminal() -> None:
         for stream in (sys.stdout, sys.stderr):
             try:
                 fd = stream.fileno()
-                if stat.S_ISCHR(os.fstat(fd).st_mode):
-                    try:
-                        stream.flush()  # what the terminal could not take is dropped below
-                    except OSError:
-                        pass
-                    os.dup2(null, fd)
+                on_terminal = stat.S_ISCHR(os.fstat(fd).st_mode)
             except (OSError, ValueError, AttributeError):  # no file descriptor (captured, closed): nothing to do
                 continue
+            if on_terminal:
+                with contextlib.suppress(OSError):
+                    stream.flush()  # what the terminal could not take is dropped below
+                os.dup2(null, fd)
     finally:
         os.close(null)

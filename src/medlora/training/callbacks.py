@@ -22,7 +22,8 @@ from ..rundir import RunDir, is_complete, mark_complete
 class Interrupt:
     """First Ctrl-C (or SIGTERM: a `kill`, `docker stop`, `systemctl stop`, a batch scheduler's preemption; or
     SIGHUP: the terminal closed, an SSH session dropped): finish the current sample, save a checkpoint, stop. A
-    second one: stop at once.
+    second Ctrl-C or SIGTERM: stop at once. A second SIGHUP is ignored (the shell sends its jobs one on top of the
+    kernel's, and nobody is left at the terminal to mean it).
 
     ``terminate=False`` leaves SIGTERM and SIGHUP alone. A torchrun worker does: its launcher sends SIGTERM to the
     survivors when a process dies, and they must go at once, not after more samples that could only fail at the
