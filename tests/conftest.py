@@ -84,6 +84,65 @@ def medquad_csv() -> Path:
     return MEDQUAD_CSV
 
 
+class Terminal:
+    """A pty that is the controlling terminal of a command started on it, as a login shell's job's is: the command
+    leads a session of its own, with the pty as stdin, stdout and stderr. ``read`` does what a terminal window
+    does; ``hang_up`` closes the window (the kernel sends SIGHUP to the session leader). The pty is never sized
+    (0 x 0), as nobody sized it."""
+
+    ON_TTY = ("import fcntl, os, sys, termios; os.setsid(); fd = int(sys.argv[1]); "
+              "fcntl.ioctl(fd, termios.TIOCSCTTY, 0); [os.dup2(fd, i) for i in (0, 1, 2)]; os.close(fd); "
+              "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+
+    def __init__(self, argv: list[str], env: dict):
+        import subprocess
+        import sys
+
+        self.master, slave = os.openpty()
+        self.proc = subprocess.Popen([sys.executable, "-c", self.ON_TTY, str(slave), *argv], pass_fds=(slave,),
+                                     env=env)
+        os.close(slave)
+        self.seen = b""
+
+    def read_until(self, done, timeout: float) -> None:
+        """Read what the command writes until ``done()``; fails if the command ends first or ``timeout`` passes."""
+        import select
+        import time
+
+        deadline = time.time() + timeout
+        while not done():
+            assert self.proc.poll() is None and time.time() < deadline, self.text()[-3000:]
+            if select.select([self.master], [], [], 0.05)[0]:
+                self.seen += os.read(self.master, 65536)
+        if select.select([self.master], [], [], 0.01)[0]:  # what it wrote so far
+            self.seen += os.read(self.master, 65536)
+
+    def read_to_end(self) -> str:
+        """Everything the command wrote, once it has ended."""
+        import select
+
+        while select.select([self.master], [], [], 1)[0]:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO: every process that had the pty open has closed it
+                break
+            if not chunk:
+                break
+            self.seen += chunk
+        return self.text()
+
+    def hang_up(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.master is not None:
+            os.close(self.master)
+            self.master = None
+
+    def text(self) -> str:
+        return self.seen.decode(errors="replace")
+
+
 def write(path: Path, content: str | bytes) -> Path:
     if isinstance(content, bytes):
         path.write_bytes(content)

@@ -1,8 +1,8 @@
 """Training in several processes (torch.distributed, gloo, launched by torchrun) gives the run one process gives:
 `--nproc 2` against one process, two torchrun "machines" on loopback, and a rank SIGKILLed mid-run whose job ends
 at once and resumes in one process (steps trained by `--nproc 2`, then by one process, match the one-process run),
-and Ctrl-C (every rank stops after the same step, which is checkpointed) or SIGTERM to the launcher, both ending
-the job at a checkpoint to resume from.
+and Ctrl-C or a closed terminal (every rank stops after the same sample; the last completed step is checkpointed)
+or SIGTERM to the launcher, each ending the job at a checkpoint to resume from.
 All on the tiny random Llama, fp32, dropout 0, one thread per process."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
+from conftest import Terminal
 from medlora.cli import main
 
 pytestmark = pytest.mark.slow
@@ -189,42 +190,56 @@ def test_killed_rank_ends_the_job_and_one_process_resumes(reference, sample_csv,
     assert not (out / ".medlora-lock").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
-def test_ctrl_c_or_sigterm_ends_the_job_at_a_checkpoint_that_resumes(sig, sample_csv, tiny_model_dir, tmp_path):
-    """Ctrl-C in the terminal of `medlora train --nproc 2`: the terminal signals the launcher's process group
-    (torchrun starts each worker in a session of its own, so only the launcher gets it), the launcher passes it to
-    the workers once, every rank stops after the same optimizer step and that step is checkpointed with both ranks'
-    RNG states (exit code 130). SIGTERM to the launcher (`kill`, `docker stop`) ends the workers at once (143), at
-    the last complete checkpoint. Either way: no traceback, a last line naming the checkpoint and the command that
-    resumes it, and the run resumes (in one process) to its last step."""
-    steps = 20  # long enough that a signal sent once checkpoint-2 is complete lands mid-run (it stops at step 3)
+SIGNALS = {"ctrl_c": signal.SIGINT, "sigterm": signal.SIGTERM, "hang_up": signal.SIGHUP}
+
+
+@pytest.mark.parametrize("how", SIGNALS)
+def test_a_signal_to_the_launcher_ends_the_job_at_a_checkpoint_that_resumes(how, sample_csv, tiny_model_dir,
+                                                                             tmp_path):
+    """`medlora train --nproc 2` in a terminal. torchrun starts each worker in a session of its own, so the
+    terminal's signals reach only the launcher, which passes them on to the workers once and waits for them.
+    - Ctrl-C (the terminal signals its foreground process group): every rank stops after the same sample, mid-step
+      (8 samples per rank per step: waiting for the step's end could outlast the launcher's patience on a big
+      model), and the last completed step is what is checkpointed, with both ranks' RNG states. Exit code 130.
+    - The terminal hangs up (a closed window, a dropped SSH session): the same, although every write to the dead
+      terminal fails, and the shell's second SIGHUP on top of the kernel's does not cut the launcher's wait short.
+      Exit code 129.
+    - SIGTERM to the launcher (`kill`, `docker stop`) ends the workers at once (143), at the last complete
+      checkpoint.
+    Either way: no worker left behind, no traceback, a last line naming the checkpoint and the command that resumes
+    it, and the run resumes (in one process) to its last step."""
+    sig, steps = SIGNALS[how], 4  # the signal is sent once checkpoint-2 is complete: it lands in step 3
     args = recipe(sample_csv, tiny_model_dir)
     args[args.index("--max_steps") + 1] = str(steps)
+    args[args.index("--gradient_accumulation_steps") + 1] = "16"
     out = tmp_path / "run"
-    stderr = tmp_path / "stderr.txt"
-    proc = subprocess.Popen([sys.executable, "-m", "medlora", "train", *args, "--output_dir", str(out),
-                             "--nproc", "2"], stdout=subprocess.DEVNULL, stderr=stderr.open("w"), env=env(),
-                            start_new_session=True)
+    term = Terminal(["-m", "medlora", "train", *args, "--output_dir", str(out), "--nproc", "2"], env=env())
     try:
-        deadline = time.monotonic() + 240
-        while not (out / "checkpoint-2" / "medlora_complete.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()[-3000:]
-            time.sleep(0.05)
-        os.killpg(proc.pid, sig)  # SIGINT: what Ctrl-C in a terminal does
-        proc.wait(timeout=120)
+        term.read_until((out / "checkpoint-2" / "medlora_complete.json").exists, timeout=240)
+        workers = psutil.Process(term.proc.pid).children(recursive=True)
+        if sig == signal.SIGHUP:
+            term.hang_up()  # the kernel sends SIGHUP to the session leader: the launcher
+            term.proc.send_signal(signal.SIGHUP)  # and the shell sends its own
+        else:
+            os.killpg(term.proc.pid, sig)  # SIGINT: what Ctrl-C in a terminal does
+        assert term.proc.wait(timeout=120) == 128 + sig, term.text()[-3000:]
+        assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+        err = term.text() if sig == signal.SIGHUP else term.read_to_end()
     finally:
-        kill_tree(proc)
-    err = stderr.read_text()
-    assert proc.returncode == 128 + sig and "Traceback" not in err, err[-3000:]
-    saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
-                   if (p / "medlora_complete.json").exists())
-    assert saved and 2 <= saved[-1] < steps, saved
-    assert err.strip().splitlines()[-1] == (f"medlora: stopped by {sig.name}. Resume from the last complete checkpoint "
-                                            f"(checkpoint-{saved[-1]}) with: medlora train --resume {out} (any --nproc)")
-    assert not (out / "metrics.json").exists()
-    if sig == signal.SIGINT:  # rank 0 finished its step, released the run folder and said where it stopped
-        assert not (out / ".medlora-lock").exists() and f"stopped at step {saved[-1]}/{steps}" in err
-    complete = json.loads((out / f"checkpoint-{saved[-1]}" / "medlora_complete.json").read_text())["files"]
+        kill_tree(term.proc)
+        term.close()
+    assert "training in 2 processes" in err and "training:" in err and "Traceback" not in err, err[-3000:]
+    # nothing trained after checkpoint-2 was kept: step 3 was cut short (Ctrl-C, hang-up) or killed (SIGTERM)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    complete = json.loads((out / "checkpoint-2" / "medlora_complete.json").read_text())["files"]
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(complete)
+    assert not (out / "metrics.json").exists()
+    if sig != signal.SIGTERM:  # rank 0 finished its sample and released the run folder
+        assert not (out / ".medlora-lock").exists()
+    if sig != signal.SIGHUP:  # the terminal is still there to read: rank 0 said where it stopped, then the launcher
+        assert sig == signal.SIGTERM or f"stopped at step 2/{steps}; checkpoint saved in {out}" in err
+        assert err.strip().splitlines()[-1] == (f"medlora: stopped by {sig.name}. Resume from the last complete "
+                                                f"checkpoint (checkpoint-2) with: medlora train --resume {out} "
+                                                "(any --nproc)")
     assert main(["train", "--resume", str(out)]) == 0  # after SIGTERM, past the lock the killed rank 0 left
     assert json.loads((out / "metrics.json").read_text())["train_steps"] == steps

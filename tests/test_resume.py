@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import Terminal
 from medlora.cli import main
 from medlora.rundir import RunDir
 
@@ -135,30 +136,16 @@ def test_closed_terminal_saves_a_resumable_checkpoint(uninterrupted, sample_csv,
     like Ctrl-C instead of ending the run at once, although every write to the dead terminal fails, and the second
     SIGHUP a shell sends its jobs on top of the kernel's does not cut the save short. Exit code 129. The pty is
     never sized (0 x 0), where tqdm used to print an empty line instead of the progress bar."""
-    import select
-
     out = tmp_path / "hung-up"
-    master, slave = os.openpty()
-    # the child becomes a session leader whose controlling terminal is the pty, as a login shell's job is
-    on_tty = ("import fcntl, os, sys, termios; os.setsid(); fd = int(sys.argv[1]); fcntl.ioctl(fd, termios.TIOCSCTTY, 0); "
-              "[os.dup2(fd, i) for i in (0, 1, 2)]; os.close(fd); os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
-    proc = subprocess.Popen([sys.executable, "-c", on_tty, str(slave), "-m", "medlora", "train", "--data",
-                             str(sample_csv), "--model", str(tiny_model_dir), "--output_dir", str(out), *TRAIN],
-                            pass_fds=(slave,), env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    os.close(slave)
-    seen, deadline = b"", time.time() + 600
+    term = Terminal(["-m", "medlora", "train", "--data", str(sample_csv), "--model", str(tiny_model_dir),
+                     "--output_dir", str(out), *TRAIN], env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        while not (out / "checkpoint-2" / "medlora_complete.json").exists():  # read the terminal, as a window does
-            assert proc.poll() is None and time.time() < deadline, seen.decode(errors="replace")[-2000:]
-            if select.select([master], [], [], 0.05)[0]:
-                seen += os.read(master, 65536)
-        if select.select([master], [], [], 0.01)[0]:  # what it wrote so far
-            seen += os.read(master, 65536)
+        term.read_until((out / "checkpoint-2" / "medlora_complete.json").exists, timeout=600)
     finally:
-        os.close(master)  # the hang-up: the kernel sends SIGHUP to the session
-    proc.send_signal(signal.SIGHUP)  # and the shell's own, to its jobs
-    assert proc.wait(timeout=600) == 128 + signal.SIGHUP, seen.decode(errors="replace")[-2000:]
-    assert b"training:" in seen and not (out / "metrics.json").exists()
+        term.hang_up()  # the kernel sends SIGHUP to the session
+    term.proc.send_signal(signal.SIGHUP)  # and the shell's own, to its jobs
+    assert term.proc.wait(timeout=600) == 128 + signal.SIGHUP, term.text()[-2000:]
+    assert "training:" in term.text() and not (out / "metrics.json").exists()
     ckpt = RunDir(out).latest_complete_checkpoint()
     assert ckpt is not None and 2 <= int(ckpt.name.split("-")[1]) < STEPS
     assert main(["train", "--resume", str(out)]) == 0

@@ -25,16 +25,17 @@ class Interrupt:
     second Ctrl-C or SIGTERM: stop at once. A second SIGHUP is ignored (the shell sends its jobs one on top of the
     kernel's, and nobody is left at the terminal to mean it).
 
-    ``terminate=False`` leaves SIGTERM and SIGHUP alone. A torchrun worker does: its launcher sends SIGTERM to the
-    survivors when a process dies, and they must go at once, not after more samples that could only fail at the
-    next all-reduce; a SIGTERM or SIGHUP to the launcher still ends the job, from the last complete checkpoint."""
+    ``terminate=False`` leaves SIGTERM alone. A torchrun worker does: its launcher sends SIGTERM to the survivors
+    when a process dies, and they must go at once, not after more samples that could only fail at the next
+    all-reduce; a SIGTERM to the launcher ends the job at the last complete checkpoint. The launcher passes a Ctrl-C
+    or a hang-up on to its workers as it came, and they save a checkpoint (training/distributed.py)."""
 
     NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP (the terminal closed)"}
 
     def __init__(self, terminate: bool = True):
         self.requested = False
         self.signum: int | None = None  # the signal that asked, once one did
-        self._signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if terminate else (signal.SIGINT,)
+        self._signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if terminate else (signal.SIGINT, signal.SIGHUP)
         self._previous: dict = {}
         self.hung_up = False
 
@@ -102,11 +103,14 @@ class CheckpointGuard(TrainerCallback):
         """Checkpoint the last completed optimizer step after a Ctrl-C mid-accumulation. The weights,
         optimizer and scheduler have not moved since that step; the RNG has, so it is rewound first."""
         ckpt = RunDir(trainer.args.output_dir).checkpoint(trainer.state.global_step)
-        if not is_complete(ckpt):
+        if not self.saved(ckpt):
             rng_restore(self.rng)
             trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's own checkpoint writer
-            mark_complete(ckpt)
+            self.on_save(trainer.args, trainer.state, trainer.control)
         return ckpt
+
+    def saved(self, ckpt: Path) -> bool:
+        return is_complete(ckpt)
 
 
 class FiniteLoss(TrainerCallback):

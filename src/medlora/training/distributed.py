@@ -189,12 +189,17 @@ def after_evaluate_before_train(trainer) -> None:
 
 class DistributedCheckpointGuard(CheckpointGuard):
     """CheckpointGuard for several processes. Every decision that changes the collective schedule is agreed:
-    a Ctrl-C (which may reach the ranks at different moments) stops all of them after the same optimizer step,
-    which is checkpointed as usual; and a checkpoint is marked complete by rank 0 only once every rank has
-    written its part (each rank saves its own RNG state into it)."""
+    a Ctrl-C or a hang-up (which may reach the ranks at different moments) stops all of them after the same
+    sample, and the last completed optimizer step is checkpointed, as in one process; a checkpoint is marked
+    complete by rank 0 only once every rank has written its part (each rank saves its own RNG state into it).
+
+    The agreement is an all-reduce of one integer after every sample, microseconds next to a sample's seconds. It
+    must not wait for the end of the optimizer step: on the 1.5B model a step is minutes per process, longer than
+    the launcher waits for its workers before it kills them."""
 
     def on_substep_end(self, args, state, control, **kw):
-        pass  # never stop mid-accumulation: the ranks could not agree where, and one would wait for the others
+        self.interrupt.requested = any_rank(self.interrupt.requested)
+        super().on_substep_end(args, state, control, **kw)
 
     def on_step_end(self, args, state, control, **kw):
         crash_point(f"step:{state.global_step}:rank{rank()}")  # fault injection for tests/test_distributed.py
@@ -205,6 +210,9 @@ class DistributedCheckpointGuard(CheckpointGuard):
         barrier()
         if is_main():
             super().on_save(args, state, control, **kw)
+
+    def saved(self, ckpt: Path) -> bool:
+        return broadcast(super().saved(ckpt))  # rank 0's answer: it alone marks checkpoints complete
 
 
 # ---------------------------------------------------------------- the launcher: medlora train --nproc N
@@ -226,7 +234,8 @@ def torchrun_arguments(nproc: int) -> list[str]:
         "--max-restarts", "0",            # a dead worker ends the job (then --resume), never a silent restart
         "--monitor-interval", "0.5",      # the agent notices a dead worker within half a second, stops the rest
         "--local-ranks-filter", "0",      # one process's output: every rank would print the same lines
-        "--shutdown-timeout", "300",      # Ctrl-C: the workers finish the optimizer step and checkpoint it
+        "--shutdown-timeout", "300",      # Ctrl-C: the workers finish their sample and checkpoint
+        "--signals-to-handle", "SIGTERM,SIGINT,SIGQUIT",  # and SIGHUP: launch() handles it
         "-m", "medlora",
     ]
 
@@ -238,11 +247,20 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import parse_args, run
 
+    def hung_up(signum, frame):
+        # torchrun's own handler for SIGHUP raises on every one, and the shell's SIGHUP follows the kernel's: the
+        # second would cut short the agent's wait for the workers, which are saving a checkpoint. Here the first
+        # one does what torchrun's would (the agent passes SIGHUP on to the workers) and the rest are ignored.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        off_the_dead_terminal()
+        raise SignalException(f"Process {os.getpid()} got signal: {signal.SIGHUP!r}", sigval=signal.SIGHUP)
+
     _quiet_torchrun_logs()
     fd, note = tempfile.mkstemp(prefix="medlora-run-", suffix=".txt")
     os.close(fd)
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", LAUNCHED_ENV)}
     os.environ.update({"OMP_NUM_THREADS": str(threads), LAUNCHED_ENV: note})
+    previous_hup = signal.signal(signal.SIGHUP, hung_up)
     log(f"training in {nproc} processes with {threads} thread{'s' * (threads > 1)} each (torch.distributed, gloo)")
     try:
         options = parse_args(torchrun_arguments(nproc))
@@ -252,17 +270,18 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
     except ChildFailedError as e:
         return _report_failure(e.failures, nproc, _run_dir(resume, note))
     except SignalException as e:
-        # Ctrl-C or a kill of this launcher. torchrun starts each worker in a session of its own, so a terminal's
-        # Ctrl-C reaches only this process; torchrun passed the signal on to the workers once and waited for them:
-        # after SIGINT every rank finished the same optimizer step and checkpointed it (rank 0 said so above);
-        # SIGTERM ended them at once (training/callbacks.py: Interrupt)
-        if e.sigval == signal.SIGHUP:
-            off_the_dead_terminal()  # the terminal closed: the line below would fail, not go to it
+        # Ctrl-C, a hang-up or a kill of this launcher. torchrun starts each worker in a session of its own, so a
+        # terminal's Ctrl-C or hang-up reaches only this process; torchrun passed the signal on to the workers once
+        # and waited for them: after SIGINT or SIGHUP every rank finished the same sample and the last completed
+        # optimizer step was checkpointed (rank 0 said so above); SIGTERM ended them at once
+        # (training/callbacks.py: Interrupt)
         lead = "" if e.sigval == signal.SIGINT else "\n"  # a worker ended by SIGTERM left its progress bar mid-line
         print(f"{lead}medlora: stopped by {e.sigval.name}. {_resume_hint(_run_dir(resume, note))}", file=sys.stderr,
               flush=True)
         return 128 + int(e.sigval)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     finally:
+        if signal.getsignal(signal.SIGHUP) is hung_up:  # after a hang-up it stays ignored
+            signal.signal(signal.SIGHUP, previous_hup)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -290,8 +309,8 @@ def _report_failure(failures: dict, nproc: int, run_dir: str | None) -> int:
     codes = {f.exitcode for f in failures.values()}
     if codes <= {2, QUIET_EXIT, -signal.SIGTERM}:  # a worker already said what was wrong in one line
         return 2
-    if codes <= {130, QUIET_EXIT, -signal.SIGTERM}:  # Ctrl-C: the workers saved a checkpoint and said so
-        return 130
+    if codes & {129, 130} and codes <= {129, 130, QUIET_EXIT, -signal.SIGTERM}:
+        return max(codes & {129, 130})  # Ctrl-C or a hang-up the workers got: they saved a checkpoint and said so
     # the root cause: a process killed from outside (SIGKILL: the OOM killer, kill -9) or one that crashed
     culprits = [(r, f) for r, f in failures.items() if f.exitcode not in (QUIET_EXIT, -signal.SIGTERM, 2, 130)]
     rank_, failure = min(culprits or failures.items(), key=lambda rf: rf[1].timestamp)

@@ -277,8 +277,7 @@ def train(job: Job, trainer, n_eval: int) -> tuple[dict, Outcome]:
         code = 128 + (interrupt.signum or signal.SIGINT)  # 130 on a rank told of another's Ctrl-C
         if trainer.state.global_step == 0:
             raise Interrupted("stopped before the first optimizer step; nothing to resume (start the run again)", code)
-        # distributed: every rank stopped after the same optimizer step, which the Trainer checkpointed
-        ckpt = run.checkpoint(trainer.state.global_step) if distributed.active() else guard.save_interrupted(trainer)
+        ckpt = guard.save_interrupted(trainer)  # distributed: every rank stopped after the same sample
         raise Interrupted(f"stopped at step {trainer.state.global_step}/{trainer.state.max_steps}; checkpoint saved "
                           f"in {ckpt}. Resume with: medlora train --resume {run}", code)
     return base, Outcome(result.training_loss, seconds, tokens_before)
