@@ -85,14 +85,15 @@ def cmd_train(args) -> int:
         from .allocator import reexecute_on_jemalloc
 
         reexecute_on_jemalloc(args.argv)
-    from .training import distributed
-    from .training.recipe import run
+    from .training.launcher import in_worker, launch  # torch alone: no transformers in the launcher
 
-    if cfg.nproc > 1 and not distributed.in_worker():  # this process launches the workers (torchrun's agent)
+    if cfg.nproc > 1 and not in_worker():  # this process launches the workers (torchrun's agent)
         from .cpu import usable_cpus
 
         threads = cfg.num_threads or max(1, usable_cpus() // cfg.nproc)
-        return distributed.launch(cfg.nproc, threads, args.argv, args.resume)
+        return launch(cfg.nproc, threads, args.argv, args.resume)
+    from .training.recipe import run
+
     run(cfg, resume=args.resume)
     return 0
 
@@ -412,9 +413,10 @@ def leave(code: int, argv: list[str] | None) -> int:
     drops gloo's last reference: gloo's destructor then waits for its worker thread while holding the GIL, and a
     worker thread still freeing a finished all-gather's tensors waits for the GIL. Both wait forever (seen after
     Ctrl-C with --nproc 2 on one CPU, 2 runs in 3). Everything medlora writes is closed by now (atomic renames and
-    the run folder's lock released); stdout and stderr are flushed first. (The test is training/distributed.py's
-    in_worker and world_size, read here from the environment: importing that module loads torch.)"""
-    if argv is None and "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    the run folder's lock released); stdout and stderr are flushed first."""
+    from .training.launcher import in_worker  # loads no torch
+
+    if argv is None and in_worker() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

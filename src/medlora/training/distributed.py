@@ -2,7 +2,7 @@
 backend, launched by torchrun (``torch.distributed.run``). Nothing here moves tensors between processes by hand:
 the Trainer wraps the model in DistributedDataParallel (through accelerate), which all-reduces the LoRA gradients.
 
-    medlora train --nproc N ...        this module's ``launch``: torchrun's launcher in this process, N workers
+    medlora train --nproc N ...        ``launcher.launch``: torchrun's launcher in this process, N workers
     torchrun --nnodes M --nproc_per_node N --rdzv_backend c10d --rdzv_endpoint HOST:PORT -m medlora train ...
                                        the same workers across machines, started by the user's torchrun
 
@@ -17,12 +17,9 @@ A worker is an ordinary ``medlora train`` that finds torchrun's RANK/WORLD_SIZE 
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-import signal
 import sys
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,9 +28,9 @@ import torch.distributed as dist
 
 from ..config import check_divides
 from ..cpu import usable_cpus
-from ..errors import log, off_the_dead_terminal
-from ..rundir import RunDir, crash_point
+from ..rundir import crash_point
 from .callbacks import CheckpointGuard
+from .launcher import LAUNCHED_ENV, QUIET_EXIT, in_worker, resume_hint
 
 # Collectives wait this long for a slow peer before failing. It is not what ends a job whose process died: a dead
 # process's sockets close and gloo fails the survivors' next collective at once, and torchrun's agent stops the
@@ -41,18 +38,9 @@ from .callbacks import CheckpointGuard
 # without closing its connections). The long single-rank phases are not collectives: rank 0 writes the final
 # artifacts (adapter, merge) after the last collective, while the other ranks have already finished.
 TIMEOUT = timedelta(minutes=30)
-# Set by ``launch`` in its workers: the launcher reports a lost peer in one line, so the workers stay quiet, and
-# rank 0 writes the run folder's path to this file so that the line can name it.
-LAUNCHED_ENV = "MEDLORA_DIST_RUN_NOTE"
-QUIET_EXIT = 3  # a worker whose peer died: the launcher says what happened
 
 
 # ---------------------------------------------------------------- where this process stands
-
-def in_worker() -> bool:
-    """Started by torchrun (or accelerate launch): the launcher's environment is there."""
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1)) if in_worker() else 1
@@ -147,7 +135,7 @@ def peer_lost(error: BaseException, run_dir) -> None:
         first = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [""])[0]).split(". ")[0]
         first = first[:200] or type(error).__name__
         print(f"medlora: error: training process rank {rank()} lost contact with the other processes ({first}); "
-              f"the job stops. {_resume_hint(str(run_dir))}", file=sys.stderr, flush=True)
+              f"the job stops. {resume_hint(str(run_dir))}", file=sys.stderr, flush=True)
     sys.stderr.flush()
     os._exit(QUIET_EXIT if os.environ.get(LAUNCHED_ENV) else 2)
 
@@ -213,112 +201,3 @@ class DistributedCheckpointGuard(CheckpointGuard):
 
     def saved(self, ckpt: Path) -> bool:
         return broadcast(super().saved(ckpt))  # rank 0's answer: it alone marks checkpoints complete
-
-
-# ---------------------------------------------------------------- the launcher: medlora train --nproc N
-
-def _quiet_torchrun_logs() -> None:
-    """torchrun's agent logs a multi-line report for every failed worker; the launcher says it in one line."""
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-def torchrun_arguments(nproc: int) -> list[str]:
-    """torchrun's options for N local workers running ``python -m medlora``; the workers' own arguments are set
-    on the parsed namespace, not parsed by torchrun, which would take --nproc for its --nproc-per-node."""
-    return [
-        "--standalone",                   # a local c10d rendezvous on a free port
-        "--nnodes", "1",
-        "--nproc-per-node", str(nproc),
-        "--max-restarts", "0",            # a dead worker ends the job (then --resume), never a silent restart
-        "--monitor-interval", "0.5",      # the agent notices a dead worker within half a second, stops the rest
-        "--local-ranks-filter", "0",      # one process's output: every rank would print the same lines
-        "--shutdown-timeout", "300",      # Ctrl-C: the workers finish their sample and checkpoint
-        "--signals-to-handle", "SIGTERM,SIGINT,SIGQUIT",  # and SIGHUP: launch() handles it
-        "-m", "medlora",
-    ]
-
-
-def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None) -> int:
-    """Run ``python -m medlora <worker_argv>`` in ``nproc`` local processes through torchrun's launcher (in this
-    process, which becomes torchrun's agent). Returns the exit code; a failure is one line."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.run import parse_args, run
-
-    def hung_up(signum, frame):
-        # torchrun's own handler for SIGHUP raises on every one, and the shell's SIGHUP follows the kernel's: the
-        # second would cut short the agent's wait for the workers, which are saving a checkpoint. Here the first
-        # one does what torchrun's would (the agent passes SIGHUP on to the workers) and the rest are ignored.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        off_the_dead_terminal()
-        raise SignalException(f"Process {os.getpid()} got signal: {signal.SIGHUP!r}", sigval=signal.SIGHUP)
-
-    _quiet_torchrun_logs()
-    fd, note = tempfile.mkstemp(prefix="medlora-run-", suffix=".txt")
-    os.close(fd)
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", LAUNCHED_ENV)}
-    os.environ.update({"OMP_NUM_THREADS": str(threads), LAUNCHED_ENV: note})
-    previous_hup = signal.signal(signal.SIGHUP, hung_up)
-    log(f"training in {nproc} processes with {threads} thread{'s' * (threads > 1)} each (torch.distributed, gloo)")
-    try:
-        options = parse_args(torchrun_arguments(nproc))
-        options.training_script_args = list(worker_argv)
-        run(options)
-        return 0
-    except ChildFailedError as e:
-        return _report_failure(e.failures, nproc, _run_dir(resume, note))
-    except SignalException as e:
-        # Ctrl-C, a hang-up or a kill of this launcher. torchrun starts each worker in a session of its own, so a
-        # terminal's Ctrl-C or hang-up reaches only this process; torchrun passed the signal on to the workers once
-        # and waited for them: after SIGINT or SIGHUP every rank finished the same sample and the last completed
-        # optimizer step was checkpointed (rank 0 said so above); SIGTERM ended them at once
-        # (training/callbacks.py: Interrupt)
-        lead = "" if e.sigval == signal.SIGINT else "\n"  # a worker ended by SIGTERM left its progress bar mid-line
-        print(f"{lead}medlora: stopped by {e.sigval.name}. {_resume_hint(_run_dir(resume, note))}", file=sys.stderr,
-              flush=True)
-        return 128 + int(e.sigval)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
-    finally:
-        if signal.getsignal(signal.SIGHUP) is hung_up:  # after a hang-up it stays ignored
-            signal.signal(signal.SIGHUP, previous_hup)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        Path(note).unlink(missing_ok=True)
-
-
-def _run_dir(resume: str | None, note: str) -> str | None:
-    """The job's run folder: the one being resumed, or the one rank 0 claimed and wrote to the note (if it got
-    that far)."""
-    return resume or Path(note).read_text(encoding="utf-8").strip() or None
-
-
-def _resume_hint(run_dir: str | None) -> str:
-    checkpoint = RunDir(run_dir).latest_complete_checkpoint() if run_dir else None
-    if checkpoint is None:
-        return f"No checkpoint was completed in {run_dir}" if run_dir else "No run folder was created"
-    return (f"Resume from the last complete checkpoint ({checkpoint.name}) with: medlora train --resume {run_dir} "
-            "(any --nproc)")
-
-
-def _report_failure(failures: dict, nproc: int, run_dir: str | None) -> int:
-    """One line for the whole job: the process that failed first and why, and how to go on."""
-    codes = {f.exitcode for f in failures.values()}
-    if codes <= {2, QUIET_EXIT, -signal.SIGTERM}:  # a worker already said what was wrong in one line
-        return 2
-    if codes & {129, 130} and codes <= {129, 130, QUIET_EXIT, -signal.SIGTERM}:
-        return max(codes & {129, 130})  # Ctrl-C or a hang-up the workers got: they saved a checkpoint and said so
-    # the root cause: a process killed from outside (SIGKILL: the OOM killer, kill -9) or one that crashed
-    culprits = [(r, f) for r, f in failures.items() if f.exitcode not in (QUIET_EXIT, -signal.SIGTERM, 2, 130)]
-    rank_, failure = min(culprits or failures.items(), key=lambda rf: rf[1].timestamp)
-    how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
-           else f"exited with code {failure.exitcode} (run with --nproc 1 to see its error)")
-    hint = _resume_hint(run_dir)
-    others = "the other process was" if nproc == 2 else f"the other {nproc - 1} processes were"
-    # on a line of its own: rank 0's progress bar may have left the cursor mid-line
-    print(f"\nmedlora: error: training process rank {rank_} (pid {failure.pid}) {how}; {others} stopped. {hint}",
-          file=sys.stderr, flush=True)
-    return 1
