@@ -346,3 +346,54 @@ def test_two_runs_started_together_into_one_folder_get_two_complete_folders(samp
     for folder in folders:
         assert (folder / "metrics.json").is_file() and (folder / "adapter" / "adapter_model.safetensors").is_file()
         assert not (folder / ".medlora-lock").exists()
+
+
+FULL_DISK = {  # the command, and what it was writing when the disk filled up
+    "merge": (["merge"], "merged_model"),
+    "eval": (["eval", "--backend", "hf", "--samples", "1", "--max_new_tokens", "4", "--show", "1"], "eval/metrics.json"),
+    "eval_gguf": (["eval", "--samples", "1", "--max_new_tokens", "4"], "export/run-q8_0.gguf"),  # its first use
+}
+
+
+@pytest.mark.parametrize("case", FULL_DISK)
+def test_a_full_disk_is_one_line_and_leaves_no_half_written_file(case, tiny_run, tmp_path):
+    """`medlora merge` and `medlora eval` on a disk that fills up while they write (a file size limit on the
+    process: writes fail with EFBIG, as they fail with ENOSPC on a full disk): one line naming what could not be
+    written, exit code 2, and no half-written folder or file beside the run's own."""
+    import resource
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    before = {p.relative_to(run) for p in run.rglob("*")}
+    command, written = FULL_DISK[case]
+
+    def full_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    proc = subprocess.run([sys.executable, "-m", "medlora", command[0], str(run), *command[1:]],
+                          capture_output=True, text=True, preexec_fn=full_disk, timeout=600)
+    lines = message_lines(proc.stderr)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith(f"medlora: error: cannot write {run / written}: File too large"), lines[-1]
+    assert {p.relative_to(run) for p in run.rglob("*")} <= before  # nothing half-written is left
+
+
+def test_write_failures_are_told_apart_from_other_errors():
+    import errno
+    import os
+
+    from medlora.errors import write_failure
+
+    assert write_failure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) == "No space left on device"
+    assert write_failure(OSError(errno.EDQUOT, "x")) == "Disk quota exceeded"
+    # safetensors' text, and torch.save's C++ stream, whose error comes in the context of the reported one
+    assert write_failure(RuntimeError("Error while serializing: I/O error: File too large (os error 27)")) == \
+        "File too large"
+    try:
+        try:
+            raise RuntimeError("basic_ios::clear: iostream error")
+        except RuntimeError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    except RuntimeError as e:
+        assert write_failure(e) == "a write failed"
+    assert write_failure(OSError(errno.ENOENT, "No such file or directory")) is None
+    assert write_failure(ValueError("the loss became nan")) is None

@@ -152,6 +152,33 @@ def test_closed_terminal_saves_a_resumable_checkpoint(uninterrupted, sample_csv,
     assert max_adapter_diff(uninterrupted, out) <= 1e-6
 
 
+@pytest.mark.slow
+def test_a_full_disk_stops_training_in_one_line_and_the_run_resumes(uninterrupted, sample_csv, tiny_model_dir,
+                                                                    tmp_path):
+    """The disk fills up mid-run: the next checkpoint cannot be written. One line instead of a traceback, naming the
+    last complete checkpoint and how to go on; the half-written checkpoint is removed (it holds disk space and can
+    never be resumed); the progress bar is closed before the line; and once there is room the run resumes to the
+    uninterrupted run's end. The full disk is a file size limit set on the running process (RLIMIT_FSIZE through
+    prlimit: writes fail with EFBIG, as they fail with ENOSPC on a full disk) once checkpoint-2 is complete."""
+    import resource
+
+    out = tmp_path / "full"
+    proc = start(sample_csv, out, tiny_model_dir)
+    wait_for(out / "checkpoint-2" / "medlora_complete.json", proc)
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (4096, 4096))  # every checkpoint holds larger files
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    last = RunDir(out).latest_complete_checkpoint()
+    assert last is not None and 2 <= int(last.name.split("-")[1]) < STEPS
+    assert err.splitlines()[-1].startswith(f"medlora: error: cannot write to the run folder {out}: File too large (")
+    assert err.splitlines()[-1].endswith(f"Training stopped: the last complete checkpoint is {last.name}; make room, "
+                                         f"then resume with: medlora train --resume {out}")
+    assert [c for c in RunDir(out).checkpoints() if c != last and not (c / "medlora_complete.json").exists()] == []
+    assert not (out / ".medlora-lock").exists() and not (out / "metrics.json").exists()
+    assert main(["train", "--resume", str(out)]) == 0
+    assert max_adapter_diff(uninterrupted, out) <= 1e-6
+
+
 def test_resume_rejects_disagreeing_flags_and_non_runs(uninterrupted, tmp_path, capsys):
     assert main(["train", "--resume", str(uninterrupted), "--learning_rate", "3e-3", "--lora_r", "8"]) == 2
     err = capsys.readouterr().err.strip()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import DEFAULT_MODEL, add_config_arguments, build_config
-from .errors import Interrupted, MedloraError
+from .errors import Interrupted, MedloraError, write_failure
 from .rundir import EXPORT, MERGED, MODELFILE
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -403,6 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nmedlora: interrupted", file=sys.stderr)
         return leave(130, argv)
+    except Exception as e:
+        reason = write_failure(e)  # a full disk (or a quota, a read-only disk): one line, not a traceback
+        if reason is None:
+            raise
+        where = f" {e.filename}" if isinstance(e, OSError) and e.filename else ""
+        print(f"medlora: error: cannot write{where}: {reason}", file=sys.stderr)
+        return leave(2, argv)
 
 
 def leave(code: int, argv: list[str] | None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import sys
@@ -44,3 +45,29 @@ def off_the_dead_terminal() -> None:
                 os.dup2(null, fd)
     finally:
         os.close(null)
+
+
+# A write that failed for want of room or permission, as the libraries below report it: Python's OSError with its
+# errno; safetensors' "I/O error: No space left on device (os error 28)"; torch.save's C++ stream, which loses the
+# errno ("unexpected pos 576 vs 534", from "basic_ios::clear: iostream error").
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+_WRITE_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large", "Read-only file system")
+_STREAM_TEXTS = ("iostream error", "file write failed")
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why ``error`` is a failed write (the disk is full, a quota or file size limit, a read-only disk), in a few
+    words; None for anything else. Looks through the chain of causes."""
+    seen, e = set(), error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            return os.strerror(e.errno)
+        text = str(e)
+        found = next((t for t in _WRITE_TEXTS if t.lower() in text.lower()), None)
+        if found:
+            return found
+        if any(t in text for t in _STREAM_TEXTS):
+            return "a write failed"
+        e = e.__cause__ or e.__context__
+    return None

@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from .errors import MedloraError, log
+from .errors import MedloraError, log, write_failure
 
 CONFIG = "config.yaml"
 RUN_INFO = "run_info.json"
@@ -80,10 +80,32 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def raise_write_error(path: Path, error: BaseException):
+    """Re-raise ``error``; as one line naming ``path`` when it is a failed write (a full disk, a quota)."""
+    reason = write_failure(error) if isinstance(error, Exception) else None
+    if reason is None:
+        raise error
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    raise MedloraError(f"cannot write {path}: {reason} ({free / 1e6:,.0f} MB free there)") from None
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(finite_json(data), indent=2, ensure_ascii=False, allow_nan=False),
+                      crash=f"json:{path.name}")
+
+
+def write_text_atomic(path: Path, text: str, crash: str | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(finite_json(data), indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
-    crash_point(f"json:{path.name}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+    except BaseException as e:  # a full disk: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise_write_error(path, e)
+    if crash:
+        crash_point(crash)
     os.replace(tmp, path)
 
 
@@ -100,7 +122,11 @@ def atomic_dir(final: Path, write: Callable[[Path], object]) -> Path:
     """Call write(tmp_dir), then rename into place, so readers never see a half-written folder."""
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException as e:  # a full disk (or Ctrl-C): the half-written folder goes, and gives its room back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise_write_error(final, e)
     crash_point(f"dir:{final.name}")
     if final.exists():  # replacing: the previous version stays whole until the new one is in place
         shutil.rmtree(old, ignore_errors=True)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import base64
 import html
 import json
+import shutil
 from pathlib import Path
 
-from ..rundir import LOSS_CURVE, METRICS, REPORT_HTML, REPORT_MD
+from ..rundir import LOSS_CURVE, METRICS, REPORT_HTML, REPORT_MD, write_text_atomic
 
 MODELS = ("base", "fine_tuned")
 LABELS = {"base": "base", "fine_tuned": "fine-tuned"}
@@ -134,7 +135,13 @@ def render_html(metrics: dict, shown: list[dict], loss_curve: Path) -> str:
 
 def write_report(out: Path, metrics: dict, shown: list[dict], loss_curve: Path) -> None:
     """metrics.json (every answer and score), report.md and report.html into ``out``."""
+    made = not out.exists()
     out.mkdir(exist_ok=True)
-    (out / METRICS).write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
-    (out / REPORT_MD).write_text(render_markdown(metrics, shown, loss_curve.is_file()), encoding="utf-8")
-    (out / REPORT_HTML).write_text(render_html(metrics, shown, loss_curve), encoding="utf-8")
+    try:
+        write_text_atomic(out / METRICS, json.dumps(metrics, indent=2, ensure_ascii=False))
+        write_text_atomic(out / REPORT_MD, render_markdown(metrics, shown, loss_curve.is_file()))
+        write_text_atomic(out / REPORT_HTML, render_html(metrics, shown, loss_curve))
+    except BaseException:
+        if made:  # a full disk: no half-made report folder
+            shutil.rmtree(out, ignore_errors=True)
+        raise

@@ -16,6 +16,7 @@ expects and this module therefore does:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -228,6 +229,7 @@ def write_gguf(model, tokenizer, out: Path, quant: str = DEFAULT_QUANT, name: st
                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
 
     out = Path(out)
+    made = not out.parent.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # two processes exporting at once never share a file
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[model_arch])
@@ -255,6 +257,9 @@ def write_gguf(model, tokenizer, out: Path, quant: str = DEFAULT_QUANT, name: st
         except OSError:
             pass
         tmp.unlink(missing_ok=True)
+        if made:  # the folder this call made, left empty
+            with contextlib.suppress(OSError):
+                out.parent.rmdir()
         if isinstance(e, OSError):  # a full disk, a folder made read-only meanwhile: one line, nothing half-written
             raise MedloraError(f"cannot write {out}: {e.strerror or e}") from None
         raise

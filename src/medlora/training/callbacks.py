@@ -159,8 +159,15 @@ class SampleProgress(TrainerCallback):
         self._tick(state)
 
     def on_train_end(self, args, state, control, **kw):
-        if self.bar is not None:
-            self.bar.close()
+        self.close()
+
+    def close(self) -> None:
+        """Also when training ends in an error, which the Trainer tells no callback of: the error's line then
+        starts on a line of its own and stays the last one, instead of the open bar being drawn again at exit."""
+        for b in (self.eval_bar, self.bar):
+            if b is not None:
+                b.close()
+        self.bar = self.eval_bar = None
 
     # evaluation: one forward pass per eval row, minutes on a CPU, so it gets a bar too
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):

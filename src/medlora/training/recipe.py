@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass, replace
@@ -26,11 +27,11 @@ from ..config import TrainConfig
 from ..cpu import (SpeedPlan, cpu_has_native_bf16, cpu_summary, precision_reason, resolve_checkpointing,
                    resolve_precision)
 from ..data import DataReport, EncodedSplit, encode_frame, split
-from ..errors import Interrupted, MedloraError, log
+from ..errors import Interrupted, MedloraError, log, write_failure
 from ..model import find_lora_targets, load_model, load_tokenizer, resolve_model
-from ..rundir import RunDir, check_output_location, claim_output_dir, file_sha256
+from ..rundir import RunDir, check_output_location, checkpoint_step, claim_output_dir, file_sha256, is_complete
 from . import distributed
-from .callbacks import CheckpointGuard, FiniteLoss, Interrupt
+from .callbacks import CheckpointGuard, FiniteLoss, Interrupt, SampleProgress
 from .inputs import read_data
 from .int8 import parameter_counts, quantize_frozen_linears
 from .lighter import lighten_activations
@@ -266,7 +267,12 @@ def train(job: Job, trainer, n_eval: int) -> tuple[dict, Outcome]:
         return base, restore_finished_steps(job, trainer)
     started = time.time()
     with interrupt:
-        result = trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
+        finally:
+            for callback in trainer.callback_handler.callbacks:
+                if isinstance(callback, SampleProgress):
+                    callback.close()
     seconds = time.time() - started
     if finite.bad_step is not None:
         last = run.latest_complete_checkpoint()
@@ -353,11 +359,27 @@ def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
             distributed.peer_lost(e, job.run if job else cfg.output_dir)
         if job is not None:
             job.run.unlock(remove_if_unused=True)  # a run that failed before writing anything leaves no folder
+            reason = write_failure(e) if isinstance(e, Exception) else None
+            if reason:  # a full disk after hours of training: one line, and what to do
+                raise MedloraError(stopped_by_a_failed_write(job.run, reason)) from None
         raise
     finally:
         if job is not None:
             job.run.unlock()
         distributed.shutdown()
+
+
+def stopped_by_a_failed_write(run: RunDir, reason: str) -> str:
+    """The run folder could not be written (a full disk): remove the checkpoint that was being written, which gives
+    its room back and could not be resumed anyway, and say where the run can go on from."""
+    last = next((c for c in run.checkpoints() if is_complete(c)), None)
+    for ckpt in run.checkpoints():
+        if last is None or checkpoint_step(ckpt) > checkpoint_step(last):
+            shutil.rmtree(ckpt, ignore_errors=True)
+    free = shutil.disk_usage(run.path).free
+    where = (f"the last complete checkpoint is {last.name}; make room, then resume with: medlora train --resume {run}"
+             if last else "no checkpoint was completed; make room and start the run again")
+    return f"cannot write to the run folder {run}: {reason} ({free / 1e6:,.0f} MB free there). Training stopped: {where}"
 
 
 def _run(job: Job) -> Path:
