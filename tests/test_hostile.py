@@ -362,7 +362,8 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_written_file(case, tiny_run,
     written, exit code 2, and no half-written folder or file beside the run's own."""
     import resource
 
-    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    # without the GGUF an earlier test may have cached in the shared run: eval_gguf's first use makes it
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("export")))
     before = {p.relative_to(run) for p in run.rglob("*")}
     command, written = FULL_DISK[case]
 
