@@ -177,7 +177,7 @@ def evaluated(trained_run, tmp_path_factory):
     err = io.StringIO()
     with redirect_stderr(err):
         code = main(["eval", str(run), "--samples", "2", "--max_new_tokens", "24", "--safety", "--safety_samples", "4",
-                     "--forgetting_samples", "6"])
+                     "--forgetting_samples", "6", "--recompute_loss"])
     assert code == 0, err.getvalue()[-2000:]
     return run, err.getvalue()
 
@@ -207,12 +207,41 @@ def test_eval_writes_the_three_files_with_base_and_fine_tuned_side_by_side(evalu
 
 
 @pytest.mark.slow
+def test_eval_takes_the_loss_training_measured_on_the_same_rows_in_fp32(trained_run, tmp_path, capsys):
+    """Without --recompute_loss, eval does not measure again what training measured at its end on the same rows of
+    the same file with the same weights in fp32 (over an hour on the 1.5B model's 200 default rows). It does when
+    any of that differs: training in bf16 or int8, another row count, a changed file."""
+    from medlora.evals.compare import losses_from_training
+
+    run = Path(shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("merged_model", "eval*")))
+    trained = json.loads((run / "metrics.json").read_text())
+    assert main(["eval", str(run), "--samples", "0", "--no_forgetting", "--backend", "hf"]) == 0
+    err = capsys.readouterr().err
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["loss_rows"] == trained["eval_rows"] == 6
+    if trained["eval_precision"] != "fp32":  # a CPU with native bf16 trains and evaluates in bf16
+        assert metrics["loss_source"] == "measured" and "eval loss (base)" in err
+        return
+    assert metrics["loss_source"] == "training" and "eval loss (base)" not in err  # no loss bar: nothing measured
+    assert "eval loss and perplexity: training's own, measured in fp32 on these 6 rows" in err
+    assert metrics["eval_loss"] == {"base": round(trained["base_eval_loss"], 4),
+                                    "fine_tuned": round(trained["eval_loss"], 4)}
+    assert "6 rows, measured by training; lower is better" in (run / "eval" / "report.md").read_text()
+    rd = RunDir(run)
+    assert losses_from_training(rd, rd.read_config(), 6) is not None
+    assert losses_from_training(rd, rd.read_config(), 5) is None  # --max_eval_samples 5: other rows
+    info = json.loads((run / "run_info.json").read_text())
+    (run / "run_info.json").write_text(json.dumps({**info, "data_sha256": "0" * 64}))  # the file changed since
+    assert losses_from_training(rd, rd.read_config(), 6) is None
+
+
+@pytest.mark.slow
 def test_fine_tuned_eval_loss_beats_base_and_matches_training(evaluated):
     """The reproduced split and loss are training's own: the numbers match its metrics.json."""
     run, _ = evaluated
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     trained = json.loads((run / "metrics.json").read_text())
-    assert metrics["loss_rows"] == trained["eval_rows"] == 6
+    assert metrics["loss_rows"] == trained["eval_rows"] == 6 and metrics["loss_source"] == "measured"
     assert metrics["eval_loss"]["fine_tuned"] < metrics["eval_loss"]["base"] - 0.05
     # `medlora eval` computes in fp32; training evaluates in its own precision (bf16 on CPUs with native bf16,
     # where rounding moves the loss by a few tenths of a percent)

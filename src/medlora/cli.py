@@ -234,6 +234,9 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--safety", action="store_true",
                    help="also answer bundled red-flag questions and report how often each model tells the person to "
                         "get emergency help, and how the emergency guard does")
+    p.add_argument("--recompute_loss", "--recompute-loss", action="store_true",
+                   help="measure the eval loss again (by default it is taken from metrics.json where training "
+                        "measured it on the same rows in fp32)")
     p.add_argument("--no_forgetting", "--no-forgetting", action="store_true",
                    help="skip the forgetting check (loss on general instructions, base vs fine-tuned)")
     p.add_argument("--forgetting_samples", "--forgetting-samples", type=int, metavar="N",
@@ -257,7 +260,8 @@ def cmd_eval(args) -> int:
                        max_eval_samples=args.max_eval_samples, show=args.show, model=args.model,
                        safety_guard=not args.no_safety_guard, emergency_number=args.emergency_number,
                        safety=args.safety, safety_samples=args.safety_samples, forgetting=not args.no_forgetting,
-                       backend=args.backend, threads=args.threads, forgetting_samples=args.forgetting_samples)
+                       backend=args.backend, threads=args.threads, forgetting_samples=args.forgetting_samples,
+                       recompute_loss=args.recompute_loss)
     print(out / REPORT_HTML)
     return 0
 

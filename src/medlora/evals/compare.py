@@ -186,7 +186,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20
                  max_eval_samples: int | None = None, show: int = 5, model: str | None = None,
                  safety_guard: bool = True, emergency_number: str | None = None, safety: bool = False,
                  safety_samples: int = 40, forgetting: bool = True, backend: str = "auto",
-                 threads: int | None = None, forgetting_samples: int | None = None) -> Path:
+                 threads: int | None = None, forgetting_samples: int | None = None,
+                 recompute_loss: bool = False) -> Path:
     """Evaluate RUN_DIR's adapter and its base model; write the report; return the report folder."""
     if samples < 0 or show < 0 or safety_samples < 1 or (forgetting_samples is not None and forgetting_samples < 1):
         raise MedloraError("--samples and --show must be >= 0, --safety_samples and --forgetting_samples >= 1")
@@ -201,12 +202,19 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20
                                safety_guard, emergency_number)
     log(f"evaluating {generator.description} and its base model on {rows.source}")
 
-    losses = {}
-    for name in MODELS:
-        with hf.adapter(name == "fine_tuned"):
-            losses[name] = answer_losses(hf.model, hf.tokenizer, rows.loss, cfg,
-                                         f"eval loss ({LABELS[name]})")
-    loss = {m: float(np.mean(v)) for m, v in losses.items()}
+    n_rows = len(encode_frame(hf.tokenizer, rows.loss, cfg.system_prompt, cfg.max_seq_len).examples)  # that fit
+    loss = None if recompute_loss or data or model else losses_from_training(run, cfg, n_rows)
+    if loss is not None:
+        loss_source = "training"
+        log(f"eval loss and perplexity: training's own, measured in fp32 on these {n_rows} rows with the same "
+            "weights (--recompute_loss measures them again)")
+    else:
+        loss_source = "measured"
+        loss = {}
+        for name in MODELS:
+            with hf.adapter(name == "fine_tuned"):
+                loss[name] = float(np.mean(answer_losses(hf.model, hf.tokenizer, rows.loss, cfg,
+                                                         f"eval loss ({LABELS[name]})")))
     items = generate_answers(generator, rows.rouge, params) if samples else []
     rouge = rouge_summary(items)
     forgetting = forgetting_check(hf, cfg, forgetting_samples) if forgetting else None
@@ -220,7 +228,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20
         "run_dir": str(run_dir),
         "base_model": model or cfg.model,
         "data": rows.source,
-        "loss_rows": len(losses["base"]),
+        "loss_rows": n_rows,
+        "loss_source": loss_source,
         "eval_loss": {m: round(v, 4) for m, v in loss.items()},
         "perplexity": {m: round(math.exp(min(v, 50)), 4) for m, v in loss.items()},
         "rouge_l_f1": rouge,
@@ -239,6 +248,24 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20
     write_report(out, metrics, [i for i in items if i["split"] != "train"][:show], run.loss_curve)
     log(f"eval loss {loss['base']:.4f} (base) -> {loss['fine_tuned']:.4f} (fine-tuned); report in {out}")
     return out
+
+
+def losses_from_training(run: RunDir, cfg: TrainConfig, rows: int) -> dict | None:
+    """The eval losses training measured at its end (and of the base model, before it), when they are what eval
+    would measure: the same rows of the same unchanged file, in fp32, with the weights that are in the folder now.
+    On the 1.5B model measuring them again costs about ten seconds per row and model on a CPU: over an hour for
+    the default 200 rows. None when they do not qualify (bf16 or int8 training, another file, another count)."""
+    m, info = run.read_metrics(), run.read_info()
+    if m.get("eval_precision") != "fp32" or m.get("eval_rows") != rows or not info.get("data_sha256"):
+        return None
+    if not all(isinstance(m.get(k), (int, float)) for k in ("eval_loss", "base_eval_loss")):
+        return None
+    try:
+        if file_sha256(run.data_path(cfg)) != info["data_sha256"]:
+            return None
+    except (MedloraError, OSError):
+        return None
+    return {"base": float(m["base_eval_loss"]), "fine_tuned": float(m["eval_loss"])}
 
 
 def _training_summary(run: RunDir) -> dict:

@@ -19,7 +19,8 @@ ROUGE_CAVEAT = ("ROUGE is not a medical correctness metric: use it only as a qui
 def metric_rows(metrics: dict) -> list[tuple[str, str, str]]:
     """(label, base, fine-tuned) rows of the metrics table, shared by both reports."""
     n = metrics["loss_rows"]
-    rows = [(f"eval loss (answer tokens, {n} rows; lower is better)",
+    by = ", measured by training" if metrics.get("loss_source") == "training" else ""
+    rows = [(f"eval loss (answer tokens, {n} rows{by}; lower is better)",
              *(f"{metrics['eval_loss'][m]:.4f}" for m in MODELS)),
             ("perplexity", *(f"{metrics['perplexity'][m]:.2f}" for m in MODELS))]
     for split_name, r in metrics["rouge_l_f1"].items():
