@@ -398,3 +398,32 @@ def test_write_failures_are_told_apart_from_other_errors():
         assert write_failure(e) == "a write failed"
     assert write_failure(OSError(errno.ENOENT, "No such file or directory")) is None
     assert write_failure(ValueError("the loss became nan")) is None
+
+
+def test_running_out_of_memory_is_one_line_naming_the_checkpoint_and_the_way_on(tiny_run, tmp_path):
+    """torch's own error for an allocation the machine cannot give (asked for here with a size no machine has),
+    as training would meet it: one line with the last complete checkpoint and how to go on with less memory; a
+    checkpoint it was writing is removed. Any other error is not taken for it."""
+    import torch
+
+    from medlora.errors import memory_failure
+    from medlora.rundir import RunDir, is_complete
+    from medlora.training.recipe import stopped_here
+
+    with pytest.raises(RuntimeError) as caught:
+        torch.empty(2**50, dtype=torch.uint8)  # 1,126 TB
+    assert memory_failure(caught.value) == "an allocation of 1125899.91 GB failed"
+    assert memory_failure(MemoryError()) == "an allocation failed"
+    assert memory_failure(ValueError("x")) is None and stopped_here(RunDir(tiny_run), ValueError("x")) is None
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    last = max(RunDir(run).checkpoints(), key=lambda c: int(c.name.split("-")[1]))
+    assert is_complete(last)
+    (run / "checkpoint-99").mkdir()  # the one being written when memory ran out
+    (run / "checkpoint-99" / "adapter_model.safetensors").write_bytes(b"half")
+    message = stopped_here(RunDir(run), caught.value)
+    assert not (run / "checkpoint-99").exists() and is_complete(last)
+    # the run trained with gradient checkpointing off (auto: the tiny model's activations fit): switch it on
+    assert message == (f"out of memory (an allocation of 1125899.91 GB failed). Training stopped: the last complete "
+                       f"checkpoint is {last.name}; resume with less memory: medlora train --resume {run} "
+                       "--gradient_checkpointing on")

@@ -75,14 +75,21 @@ def uninterrupted(tmp_path_factory, sample_csv, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, sample_csv, tiny_model_dir, tmp_path):
+def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, sample_csv, tiny_model_dir, tmp_path, capsys):
+    """A run SIGKILLed (the OOM killer, a reboot) resumes to the uninterrupted run's end. The resume switches
+    gradient checkpointing on, as after running out of memory: an option of how the run is carried out, which a
+    resume may change (and which changes nothing but memory), unlike the ones that change what it computes."""
     out = tmp_path / "killed"
     signal_after_first_checkpoint(sample_csv, out, tiny_model_dir, signal.SIGKILL).wait()
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
     resumed_from = int(RunDir(out).latest_complete_checkpoint().name.split("-")[1])
     assert 2 <= resumed_from < STEPS
 
-    assert main(["train", "--resume", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--gradient_checkpointing", "on"]) == 0
+    assert "resuming with gradient_checkpointing on (was auto)" in capsys.readouterr().err
+    assert "gradient_checkpointing: 'on'" in (out / "config.yaml").read_text()  # the next resume keeps it
+    assert json.loads((out / "run_info.json").read_text())["gradient_checkpointing"] is True
     assert max_adapter_diff(uninterrupted, out) <= 1e-6
     la, lb = losses(uninterrupted), losses(out)
     assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))

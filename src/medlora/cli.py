@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import DEFAULT_MODEL, add_config_arguments, build_config
-from .errors import Interrupted, MedloraError, write_failure
+from .errors import Interrupted, MedloraError, memory_failure, write_failure
 from .rundir import EXPORT, MERGED, MODELFILE
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -407,12 +407,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nmedlora: interrupted", file=sys.stderr)
         return leave(130, argv)
-    except Exception as e:
-        reason = write_failure(e)  # a full disk (or a quota, a read-only disk): one line, not a traceback
-        if reason is None:
+    except Exception as e:  # a full disk (or a quota, a read-only disk), or no memory left: one line, no traceback
+        if reason := write_failure(e):
+            where = f" {e.filename}" if isinstance(e, OSError) and e.filename else ""
+            print(f"medlora: error: cannot write{where}: {reason}", file=sys.stderr)
+        elif reason := memory_failure(e):
+            print(f"medlora: error: out of memory ({reason}); close other programs, or use a smaller model",
+                  file=sys.stderr)
+        else:
             raise
-        where = f" {e.filename}" if isinstance(e, OSError) and e.filename else ""
-        print(f"medlora: error: cannot write{where}: {reason}", file=sys.stderr)
         return leave(2, argv)
 
 

@@ -79,6 +79,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Options a resume may change: how the run is carried out (memory, cores, checkpoint cadence), not what it computes.
+# `--resume RUN --gradient_checkpointing on` continues a run that ran out of memory.
+RESUMABLE_CHANGES = ("gradient_checkpointing", "num_threads", "dataloader_num_workers", "save_steps",
+                     "save_total_limit")
 INT_LIMIT = 2**31 - 1  # integer options beyond this overflow somewhere in torch, numpy or the Trainer
 CHOICES = {"lr_scheduler_type": ("cosine", "linear"), "optim": None,
            "precision": ("auto", "fp32", "bf16", "int8"), "gradient_checkpointing": ("auto", "on", "off")}

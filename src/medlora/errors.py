@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import sys
 
@@ -69,5 +70,20 @@ def write_failure(error: BaseException) -> str | None:
             return found
         if any(t in text for t in _STREAM_TEXTS):
             return "a write failed"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def memory_failure(error: BaseException) -> str | None:
+    """What ran out when ``error`` is a failed allocation (Python's MemoryError, or torch's "DefaultCPUAllocator:
+    can't allocate memory: you tried to allocate N bytes"), in a few words; None for anything else."""
+    seen, e = set(), error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, MemoryError):
+            return "an allocation failed"
+        found = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(e))
+        if found:
+            return f"an allocation of {int(found.group(1)) / 1e9:.2f} GB failed"
         e = e.__cause__ or e.__context__
     return None

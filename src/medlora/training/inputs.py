@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from pathlib import Path
 
-from ..config import TrainConfig, build_config, load_yaml
+from ..config import RESUMABLE_CHANGES, TrainConfig, build_config, load_yaml
 from ..data import load_qa_csv
 from ..errors import MedloraError
 from ..model import resolve_model
@@ -16,7 +16,7 @@ from ..rundir import RunDir, check_output_location
 
 def resume_config(args):
     """The saved configuration of RUN_DIR; options given again must agree with it, except a larger
-    --max_steps, which extends the run."""
+    --max_steps, which extends the run, and the options of RESUMABLE_CHANGES, which this session uses."""
     run = RunDir.open(args.resume, finished=False)
     saved = run.read_config()
     if saved.data and not Path(saved.data).is_file() and run.read_info().get("data"):
@@ -26,6 +26,8 @@ def resume_config(args):
     explicit |= set(load_yaml(args.config)) if args.config else set()
     explicit.discard("output_dir")  # the run folder is RUN_DIR
     explicit.discard("nproc")  # how many processes continue the run is this session's choice (default 1)
+    runtime = {k: getattr(given, k) for k in RESUMABLE_CHANGES if k in explicit}
+    explicit -= set(runtime)
 
     def same(key) -> bool:
         a, b = getattr(given, key), getattr(saved, key)
@@ -38,7 +40,7 @@ def resume_config(args):
     if differ:
         raise MedloraError("--resume: these options differ from the run's saved configuration: "
                            + "; ".join(differ) + ". Drop them, or start a new run")
-    saved = replace(saved, nproc=given.nproc)
+    saved = replace(saved, nproc=given.nproc, **runtime)
     return replace(saved, max_steps=given.max_steps) if "max_steps" in explicit else saved
 
 

@@ -23,11 +23,11 @@ import torch
 from .. import __version__
 from ..allocator import describe as describe_allocator
 from ..allocator import release_freed_memory
-from ..config import TrainConfig
+from ..config import RESUMABLE_CHANGES, TrainConfig
 from ..cpu import (SpeedPlan, cpu_has_native_bf16, cpu_summary, precision_reason, resolve_checkpointing,
                    resolve_precision)
 from ..data import DataReport, EncodedSplit, encode_frame, split
-from ..errors import Interrupted, MedloraError, log, write_failure
+from ..errors import Interrupted, MedloraError, log, memory_failure, write_failure
 from ..model import find_lora_targets, load_model, load_tokenizer, resolve_model
 from ..rundir import RunDir, check_output_location, checkpoint_step, claim_output_dir, file_sha256, is_complete
 from . import distributed
@@ -235,7 +235,12 @@ def open_run(job: Job, info: dict) -> None:
     check_output_location(run.path, need)
     if job.resume_from is None and run.path != Path(cfg.output_dir):
         log(f"{cfg.output_dir} exists and is not empty (or another run is starting there); writing to {run} instead")
-    if job.resume_from is None or job.extending:
+    saved = run.read_config() if job.resume_from is not None else cfg
+    changed = [f"{k} {getattr(cfg, k)} (was {getattr(saved, k)})" for k in RESUMABLE_CHANGES
+               if getattr(cfg, k) != getattr(saved, k)]
+    if changed:
+        log(f"resuming with {', '.join(changed)}")
+    if job.resume_from is None or job.extending or changed:
         run.write_config(cfg)
     if job.extending:
         log(f"extending the finished run from {run.read_metrics().get('train_steps')} to {cfg.max_steps} steps")
@@ -359,9 +364,9 @@ def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
             distributed.peer_lost(e, job.run if job else cfg.output_dir)
         if job is not None:
             job.run.unlock(remove_if_unused=True)  # a run that failed before writing anything leaves no folder
-            reason = write_failure(e) if isinstance(e, Exception) else None
-            if reason:  # a full disk after hours of training: one line, and what to do
-                raise MedloraError(stopped_by_a_failed_write(job.run, reason)) from None
+            message = stopped_here(job.run, e) if isinstance(e, Exception) else None
+            if message:  # a full disk or no memory left after hours of training: one line, and what to do
+                raise MedloraError(message) from None
         raise
     finally:
         if job is not None:
@@ -369,17 +374,29 @@ def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
         distributed.shutdown()
 
 
-def stopped_by_a_failed_write(run: RunDir, reason: str) -> str:
-    """The run folder could not be written (a full disk): remove the checkpoint that was being written, which gives
-    its room back and could not be resumed anyway, and say where the run can go on from."""
+def stopped_here(run: RunDir, error: Exception) -> str | None:
+    """One line for a run that cannot go on here: the run folder cannot be written (a full disk, a quota) or the
+    memory ran out. Removes the checkpoint that was being written (it could never be resumed, and it holds disk
+    space) and says where the run can go on from. None for any other error."""
+    if reason := write_failure(error):
+        free = shutil.disk_usage(run.path).free
+        problem = f"cannot write to the run folder {run}: {reason} ({free / 1e6:,.0f} MB free there)"
+        go_on, again = f"make room, then resume with: medlora train --resume {run}", "make room and start the run again"
+    elif reason := memory_failure(error):
+        problem = f"out of memory ({reason})"
+        less = "" if run.read_info().get("gradient_checkpointing", True) else " --gradient_checkpointing on"
+        go_on = (f"resume with less memory: medlora train --resume {run}{less}" if less else
+                 f"close other programs, then resume with: medlora train --resume {run}; or start a new run with a "
+                 "lower --max_seq_len or --precision int8")
+        again = "start again with a lower --max_seq_len, --gradient_checkpointing on or --precision int8"
+    else:
+        return None
     last = next((c for c in run.checkpoints() if is_complete(c)), None)
     for ckpt in run.checkpoints():
         if last is None or checkpoint_step(ckpt) > checkpoint_step(last):
             shutil.rmtree(ckpt, ignore_errors=True)
-    free = shutil.disk_usage(run.path).free
-    where = (f"the last complete checkpoint is {last.name}; make room, then resume with: medlora train --resume {run}"
-             if last else "no checkpoint was completed; make room and start the run again")
-    return f"cannot write to the run folder {run}: {reason} ({free / 1e6:,.0f} MB free there). Training stopped: {where}"
+    where = f"the last complete checkpoint is {last.name}; {go_on}" if last else f"no checkpoint was completed; {again}"
+    return f"{problem}. Training stopped: {where}"
 
 
 def _run(job: Job) -> Path:
