@@ -427,3 +427,15 @@ def test_running_out_of_memory_is_one_line_naming_the_checkpoint_and_the_way_on(
     assert message == (f"out of memory (an allocation of 1125899.91 GB failed). Training stopped: the last complete "
                        f"checkpoint is {last.name}; resume with less memory: medlora train --resume {run} "
                        "--gradient_checkpointing on")
+
+
+def test_a_loss_curve_that_cannot_be_drawn_is_a_warning(tmp_path, capsys):
+    """The picture comes last, after hours of training: failing to draw it (here: its folder is gone) must not fail
+    the run, and leaves no temporary file."""
+    from medlora.training.plots import plot_loss_curve
+
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_loss": 1.7}]
+    plot_loss_curve(history, tmp_path / "gone" / "loss_curve.png")
+    assert "warning: could not draw loss_curve.png (" in capsys.readouterr().err
+    plot_loss_curve(history, tmp_path / "loss_curve.png")
+    assert (tmp_path / "loss_curve.png").read_bytes()[:4] == b"\x89PNG" and len(list(tmp_path.iterdir())) == 1
