@@ -350,8 +350,9 @@ def test_two_runs_started_together_into_one_folder_get_two_complete_folders(samp
 
 FULL_DISK = {  # the command, and what it was writing when the disk filled up
     "merge": (["merge"], "merged_model"),
-    "eval": (["eval", "--backend", "hf", "--samples", "1", "--max_new_tokens", "4", "--show", "1"], "eval/metrics.json"),
-    "eval_gguf": (["eval", "--samples", "1", "--max_new_tokens", "4"], "export/run-q8_0.gguf"),  # its first use
+    "eval": (["eval", "--backend", "hf", "--samples", "1", "--max_new_tokens", "4", "--show", "1", "--no_forgetting"],
+             "eval/metrics.json"),
+    "eval_gguf": (["eval", "--samples", "1", "--max_new_tokens", "4", "--no_forgetting"], "export/run-q8_0.gguf"),
 }
 
 

@@ -235,7 +235,7 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="also answer bundled red-flag questions and report how often each model tells the person to "
                         "get emergency help, and how the emergency guard does")
     p.add_argument("--recompute_loss", "--recompute-loss", action="store_true",
-                   help="measure the eval loss again (by default it is taken from metrics.json where training "
+                   help="measure the eval loss again (by default it is taken from the run's metrics where training "
                         "measured it on the same rows in fp32)")
     p.add_argument("--no_forgetting", "--no-forgetting", action="store_true",
                    help="skip the forgetting check (loss on general instructions, base vs fine-tuned)")

@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 
 from ..errors import log
+from ..rundir import TRAINER_STATE
 
 
 def plot_loss_curve(log_history: list[dict], path: Path) -> None:
     """Draw it; a failure (matplotlib that cannot load, a full disk) is a warning, not the end of a run whose adapter
-    is already written: the loss per step is in trainer_state.json either way."""
+    is already written: the loss per step is in the Trainer's state file either way."""
     tmp = path.with_name(path.name + ".tmp.png")
     try:
         _draw(log_history, tmp)
@@ -18,7 +19,7 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> None:
     except Exception as e:  # noqa: BLE001 (a picture is never worth a run)
         tmp.unlink(missing_ok=True)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        log(f"warning: could not draw {path.name} ({first}); the losses are in trainer_state.json")
+        log(f"warning: could not draw {path.name} ({first}); the losses are in {TRAINER_STATE}")
 
 
 def _draw(log_history: list[dict], path: Path) -> None:
