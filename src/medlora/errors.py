@@ -56,12 +56,19 @@ _WRITE_TEXTS = ("No space left on device", "Disk quota exceeded", "File too larg
 _STREAM_TEXTS = ("iostream error", "file write failed")
 
 
-def write_failure(error: BaseException) -> str | None:
-    """Why ``error`` is a failed write (the disk is full, a quota or file size limit, a read-only disk), in a few
-    words; None for anything else. Looks through the chain of causes."""
+def _chain(error: BaseException):
+    """``error`` and the errors it was raised from or while handling, once each."""
     seen, e = set(), error
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why ``error`` is a failed write (the disk is full, a quota or file size limit, a read-only disk), in a few
+    words; None for anything else. Looks through the chain of causes."""
+    for e in _chain(error):
         if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
             return os.strerror(e.errno)
         text = str(e)
@@ -70,20 +77,16 @@ def write_failure(error: BaseException) -> str | None:
             return found
         if any(t in text for t in _STREAM_TEXTS):
             return "a write failed"
-        e = e.__cause__ or e.__context__
     return None
 
 
 def memory_failure(error: BaseException) -> str | None:
     """What ran out when ``error`` is a failed allocation (Python's MemoryError, or torch's "DefaultCPUAllocator:
     can't allocate memory: you tried to allocate N bytes"), in a few words; None for anything else."""
-    seen, e = set(), error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in _chain(error):
         if isinstance(e, MemoryError):
             return "an allocation failed"
         found = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(e))
         if found:
             return f"an allocation of {int(found.group(1)) / 1e9:.2f} GB failed"
-        e = e.__cause__ or e.__context__
     return None

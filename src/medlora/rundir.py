@@ -85,10 +85,7 @@ def raise_write_error(path: Path, error: BaseException):
     reason = write_failure(error) if isinstance(error, Exception) else None
     if reason is None:
         raise error
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(existing_ancestor(path)).free
     raise MedloraError(f"cannot write {path}: {reason} ({free / 1e6:,.0f} MB free there)") from None
 
 
@@ -156,11 +153,16 @@ def unique_output_dir(path: str | Path) -> Path:
     return candidate
 
 
+def existing_ancestor(path: Path) -> Path:
+    """``path`` itself, or its nearest parent that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_output_location(path: Path, need_bytes: int = 0, label: str = "output_dir") -> None:
     """Fail before training if the run folder cannot be written or the disk is too full."""
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
+    probe = existing_ancestor(path)
     if not probe.is_dir():
         raise MedloraError(f"cannot create {label} {path}: {probe} is a file, not a folder")
     try:
@@ -403,17 +405,19 @@ class RunDir:
                  if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
         return sorted(found, key=checkpoint_step, reverse=True)
 
-    def latest_complete_checkpoint(self) -> Path | None:
+    def latest_complete_checkpoint(self, quiet: bool = False) -> Path | None:
         for ckpt in self.checkpoints():
             if is_complete(ckpt):
                 return ckpt
-            log(f"skipping incomplete checkpoint {ckpt.name} (the process was stopped while writing it)")
+            if not quiet:
+                log(f"skipping incomplete checkpoint {ckpt.name} (the process was stopped while writing it)")
         return None
 
-    def remove_checkpoints_after(self, checkpoint: Path) -> None:
-        """Newer but incomplete checkpoints: useless, and in the way of the new saves."""
+    def remove_checkpoints_after(self, checkpoint: Path | None) -> None:
+        """Newer but incomplete checkpoints (every one, when ``checkpoint`` is None): useless, in the way of the
+        new saves, and holding disk space."""
         for stale in self.checkpoints():
-            if checkpoint_step(stale) > checkpoint_step(checkpoint):
+            if checkpoint is None or checkpoint_step(stale) > checkpoint_step(checkpoint):
                 shutil.rmtree(stale)
 
     # -- artifacts

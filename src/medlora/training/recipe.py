@@ -29,7 +29,7 @@ from ..cpu import (SpeedPlan, cpu_has_native_bf16, cpu_summary, precision_reason
 from ..data import DataReport, EncodedSplit, encode_frame, split
 from ..errors import Interrupted, MedloraError, log, memory_failure, write_failure
 from ..model import find_lora_targets, load_model, load_tokenizer, resolve_model
-from ..rundir import RunDir, check_output_location, checkpoint_step, claim_output_dir, file_sha256, is_complete
+from ..rundir import RunDir, check_output_location, claim_output_dir, file_sha256
 from . import distributed
 from .callbacks import CheckpointGuard, FiniteLoss, Interrupt, SampleProgress
 from .inputs import read_data
@@ -391,10 +391,8 @@ def stopped_here(run: RunDir, error: Exception) -> str | None:
         again = "start again with a lower --max_seq_len, --gradient_checkpointing on or --precision int8"
     else:
         return None
-    last = next((c for c in run.checkpoints() if is_complete(c)), None)
-    for ckpt in run.checkpoints():
-        if last is None or checkpoint_step(ckpt) > checkpoint_step(last):
-            shutil.rmtree(ckpt, ignore_errors=True)
+    last = run.latest_complete_checkpoint(quiet=True)
+    run.remove_checkpoints_after(last)
     where = f"the last complete checkpoint is {last.name}; {go_on}" if last else f"no checkpoint was completed; {again}"
     return f"{problem}. Training stopped: {where}"
 
