@@ -82,7 +82,7 @@ def crash_point(name: str) -> None:
 
 def raise_write_error(path: Path, error: BaseException):
     """Re-raise ``error``; as one line naming ``path`` when it is a failed write (a full disk, a quota)."""
-    reason = write_failure(error) if isinstance(error, Exception) else None
+    reason = write_failure(error)  # None for Ctrl-C and every other error
     if reason is None:
         raise error
     free = shutil.disk_usage(existing_ancestor(path)).free

@@ -364,7 +364,7 @@ def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
             distributed.peer_lost(e, job.run if job else cfg.output_dir)
         if job is not None:
             job.run.unlock(remove_if_unused=True)  # a run that failed before writing anything leaves no folder
-            message = stopped_here(job.run, e) if isinstance(e, Exception) else None
+            message = stopped_here(job.run, e)
             if message:  # a full disk or no memory left after hours of training: one line, and what to do
                 raise MedloraError(message) from None
         raise
@@ -374,7 +374,7 @@ def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
         distributed.shutdown()
 
 
-def stopped_here(run: RunDir, error: Exception) -> str | None:
+def stopped_here(run: RunDir, error: BaseException) -> str | None:
     """One line for a run that cannot go on here: the run folder cannot be written (a full disk, a quota) or the
     memory ran out. Removes the checkpoint that was being written (it could never be resumed, and it holds disk
     space) and says where the run can go on from. None for any other error."""
