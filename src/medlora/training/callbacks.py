@@ -25,19 +25,27 @@ class Interrupt:
     second Ctrl-C or SIGTERM: stop at once. A second SIGHUP is ignored (the shell sends its jobs one on top of the
     kernel's, and nobody is left at the terminal to mean it).
 
-    ``terminate=False`` leaves SIGTERM alone. A torchrun worker does: its launcher sends SIGTERM to the survivors
-    when a process dies, and they must go at once, not after more samples that could only fail at the next
-    all-reduce; a SIGTERM to the launcher ends the job at the last complete checkpoint. The launcher passes a Ctrl-C
-    or a hang-up on to its workers as it came, and they save a checkpoint (training/distributed.py)."""
+    ``terminate=False`` leaves SIGTERM alone and takes SIGUSR1 for it. A torchrun worker does: its launcher sends
+    SIGTERM to the survivors when a process dies, and they must go at once, not after more samples that could only
+    fail at the next all-reduce. `medlora train --nproc`'s launcher passes a Ctrl-C or a hang-up on to its workers as
+    it came, and a SIGTERM as SIGUSR1 (training/launcher.py); they save a checkpoint (training/distributed.py)."""
 
-    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP (the terminal closed)"}
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP (the terminal closed)",
+             signal.SIGUSR1: "SIGTERM"}
 
     def __init__(self, terminate: bool = True):
         self.requested = False
         self.signum: int | None = None  # the signal that asked, once one did
-        self._signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if terminate else (signal.SIGINT, signal.SIGHUP)
+        self._signals = (signal.SIGINT, signal.SIGHUP) + ((signal.SIGTERM,) if terminate else (signal.SIGUSR1,))
         self._previous: dict = {}
         self.hung_up = False
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, the shell's convention (SIGUSR1 stands for the launcher's SIGTERM); 130 on a
+        rank that stopped because another one was asked to."""
+        signum = signal.SIGTERM if self.signum == signal.SIGUSR1 else (self.signum or signal.SIGINT)
+        return 128 + int(signum)
 
     def _handler(self, signum, frame):
         if signum == signal.SIGHUP:

@@ -44,7 +44,7 @@ def torchrun_arguments(nproc: int) -> list[str]:
         "--monitor-interval", "0.5",      # the agent notices a dead worker within half a second, stops the rest
         "--local-ranks-filter", "0",      # one process's output: every rank would print the same lines
         "--shutdown-timeout", "300",      # Ctrl-C: the workers finish their sample and checkpoint
-        "--signals-to-handle", "SIGTERM,SIGINT,SIGQUIT",  # and SIGHUP: launch() handles it
+        "--signals-to-handle", "SIGINT,SIGQUIT",  # SIGHUP and SIGTERM: launch() handles them
         "-m", "medlora",
     ]
 
@@ -56,6 +56,8 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import parse_args, run
 
+    terms = []  # the SIGTERMs this launcher got
+
     def hung_up(signum, frame):
         # torchrun's own handler for SIGHUP raises on every one, and the shell's SIGHUP follows the kernel's: the
         # second would cut short the agent's wait for the workers, which are saving a checkpoint. Here the first
@@ -64,12 +66,26 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
         off_the_dead_terminal()
         raise SignalException(f"Process {os.getpid()} got signal: {signal.SIGHUP!r}", sigval=signal.SIGHUP)
 
+    def terminated(signum, frame):
+        # SIGTERM (`kill`, `docker stop`, a scheduler's preemption) saves a checkpoint, as it does in one process.
+        # The workers cannot take it as SIGTERM: that is how torchrun's agent stops the survivors of a dead peer, who
+        # must go at once. So the agent passes it on as SIGUSR1, which a worker takes as "SIGTERM to the launcher"
+        # (training/callbacks.py: Interrupt). A second SIGTERM quits without saving: it ends the workers at once.
+        terms.append(signum)
+        if len(terms) == 1:
+            raise SignalException(f"Process {os.getpid()} got signal: {signal.SIGTERM!r}", sigval=signal.SIGUSR1)
+        import psutil
+
+        for worker in psutil.Process().children():
+            worker.send_signal(signal.SIGTERM)
+
     _quiet_torchrun_logs()
     fd, note = tempfile.mkstemp(prefix="medlora-run-", suffix=".txt")
     os.close(fd)
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", LAUNCHED_ENV)}
     os.environ.update({"OMP_NUM_THREADS": str(threads), LAUNCHED_ENV: note})
-    previous_hup = signal.signal(signal.SIGHUP, hung_up)
+    previous = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGHUP, hung_up),
+                                                                      (signal.SIGTERM, terminated))}
     log(f"training in {nproc} processes with {threads} thread{'s' * (threads > 1)} each (torch.distributed, gloo)")
     try:
         options = parse_args(torchrun_arguments(nproc))
@@ -79,18 +95,19 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
     except ChildFailedError as e:
         return _report_failure(e.failures, nproc, _run_dir(resume, note))
     except SignalException as e:
-        # Ctrl-C, a hang-up or a kill of this launcher. torchrun starts each worker in a session of its own, so a
+        # Ctrl-C, a hang-up or a SIGTERM to this launcher. torchrun starts each worker in a session of its own, so a
         # terminal's Ctrl-C or hang-up reaches only this process; torchrun passed the signal on to the workers once
-        # and waited for them: after SIGINT or SIGHUP every rank finished the same sample and the last completed
-        # optimizer step was checkpointed (rank 0 said so above); SIGTERM ended them at once
-        # (training/callbacks.py: Interrupt)
-        lead = "" if e.sigval == signal.SIGINT else "\n"  # a worker ended by SIGTERM left its progress bar mid-line
-        print(f"{lead}medlora: stopped by {e.sigval.name}. {resume_hint(_run_dir(resume, note))}", file=sys.stderr,
+        # and waited for them: every rank finished the same sample and the last completed optimizer step was
+        # checkpointed (rank 0 said so above), unless a second SIGTERM ended them at once
+        sig = signal.SIGTERM if e.sigval == signal.SIGUSR1 else e.sigval
+        lead = "\n" if len(terms) > 1 else ""  # a worker ended at once left its progress bar mid-line
+        print(f"{lead}medlora: stopped by {sig.name}. {resume_hint(_run_dir(resume, note))}", file=sys.stderr,
               flush=True)
-        return 128 + int(e.sigval)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
+        return 128 + int(sig)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     finally:
-        if signal.getsignal(signal.SIGHUP) is hung_up:  # after a hang-up it stays ignored
-            signal.signal(signal.SIGHUP, previous_hup)
+        for sig, handler in previous.items():
+            if signal.getsignal(sig) in (hung_up, terminated):  # after a hang-up SIGHUP stays ignored
+                signal.signal(sig, handler)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -118,10 +135,11 @@ def _report_failure(failures: dict, nproc: int, run_dir: str | None) -> int:
     codes = {f.exitcode for f in failures.values()}
     if codes <= {2, QUIET_EXIT, -signal.SIGTERM}:  # a worker already said what was wrong in one line
         return 2
-    if codes & {129, 130} and codes <= {129, 130, QUIET_EXIT, -signal.SIGTERM}:
-        return max(codes & {129, 130})  # Ctrl-C or a hang-up the workers got: they saved a checkpoint and said so
+    saved = {129, 130, 143}  # a hang-up, Ctrl-C or SIGTERM the workers got: they saved a checkpoint and said so
+    if codes & saved and codes <= saved | {QUIET_EXIT, -signal.SIGTERM}:
+        return max(codes & saved)
     # the root cause: a process killed from outside (SIGKILL: the OOM killer, kill -9) or one that crashed
-    culprits = [(r, f) for r, f in failures.items() if f.exitcode not in (QUIET_EXIT, -signal.SIGTERM, 2, 130)]
+    culprits = [(r, f) for r, f in failures.items() if f.exitcode not in (QUIET_EXIT, -signal.SIGTERM, 2, 129, 130, 143)]
     rank_, failure = min(culprits or failures.items(), key=lambda rf: rf[1].timestamp)
     how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
            else f"exited with code {failure.exitcode} (run with --nproc 1 to see its error)")

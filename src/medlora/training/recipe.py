@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import signal
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -285,7 +284,7 @@ def train(job: Job, trainer, n_eval: int) -> tuple[dict, Outcome]:
         raise MedloraError(f"training stopped at step {finite.bad_step}: the loss became {finite.bad_value} "
                            f"(not a finite number); {kept}. Start a new run with a lower --learning_rate")
     if interrupt.requested:
-        code = 128 + (interrupt.signum or signal.SIGINT)  # 130 on a rank told of another's Ctrl-C
+        code = interrupt.exit_code
         if trainer.state.global_step == 0:
             raise Interrupted("stopped before the first optimizer step; nothing to resume (start the run again)", code)
         ckpt = guard.save_interrupted(trainer)  # distributed: every rank stopped after the same sample
