@@ -194,6 +194,76 @@ def test_resume_rejects_disagreeing_flags_and_non_runs(uninterrupted, tmp_path, 
     assert "not a medlora run folder" in capsys.readouterr().err
 
 
+def test_a_checkpoint_is_the_run_at_that_step_for_chat_eval_export_merge_and_serve(uninterrupted, tmp_path,
+                                                                                    capsys):
+    """`RUN/checkpoint-N` is the run as it was at step N: its adapter is the checkpoint's, the rest (base model,
+    system prompt, eval split) the run's, and what is written for it is named after the checkpoint, beside the run's
+    own artifacts, which stay as they are. A run with no adapter yet (training, or stopped) names its newest
+    complete checkpoint; an incomplete checkpoint and `--resume` of a checkpoint are one line each."""
+    import shutil
+
+    from peft import get_peft_model_state_dict
+
+    from medlora.inference.hf import load_backend
+    from medlora.serve.server import model_id
+
+    run = Path(shutil.copytree(uninterrupted, tmp_path / "run"))
+    final, earlier = run / f"checkpoint-{STEPS}", run / f"checkpoint-{STEPS - 2}"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == sorted([final.name, earlier.name])
+
+    def answer(target: Path) -> str:
+        capsys.readouterr()
+        assert main(["chat", str(target), "-q", "What is anemia?", "--max_new_tokens", "8", "--backend", "hf"]) == 0
+        out, err = capsys.readouterr()
+        assert f"[{target} (adapter merged into" in err
+        return out
+
+    assert answer(final) == answer(run)  # the last checkpoint holds the final adapter
+    for checkpoint in (earlier, final):  # the weights that answer are the checkpoint's own
+        weights = get_peft_model_state_dict(load_backend(str(checkpoint)).model)
+        saved = load_file(checkpoint / "adapter_model.safetensors")
+        assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved)
+    assert any(not torch.equal(load_file(earlier / "adapter_model.safetensors")[k], v)
+               for k, v in load_file(final / "adapter_model.safetensors").items())
+    assert model_id(str(earlier), None, None) == f"run-{earlier.name}"
+
+    modelfile = (run / "export").mkdir() or run / "export" / "Modelfile"
+    modelfile.write_text("the run's own")
+    assert main(["export", str(earlier), "--quant", "f16"]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "export" / f"run-{earlier.name}-f16.gguf")
+    assert (run / "export" / f"Modelfile-{earlier.name}").read_text().startswith(f"FROM ./run-{earlier.name}-f16.gguf")
+    assert modelfile.read_text() == "the run's own"
+    assert main(["merge", str(earlier)]) == 0
+    merged = run / f"merged_model-{earlier.name}"
+    assert capsys.readouterr().out.strip() == str(merged) and (merged / "model.safetensors").is_file()
+    assert model_id(str(merged), None, None) == f"run-{earlier.name}"
+    assert RunDir.home(merged).system_prompt() == RunDir(run).system_prompt()
+    assert not (run / "merged_model").exists()
+
+    assert main(["eval", str(earlier), "--samples", "0", "--no_forgetting", "--backend", "hf"]) == 0
+    metrics = json.loads((run / f"eval-{earlier.name}" / "metrics.json").read_text())
+    assert metrics["loss_source"] == "measured"  # training's numbers are the final adapter's, not this one's
+    assert metrics["training"] == {"checkpoint": earlier.name, "train_steps": STEPS - 2}
+    assert not (run / "eval").exists()
+
+    (final / "medlora_complete.json").unlink()  # being written, or its writer was stopped
+    assert main(["chat", str(final), "-q", "hi"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{final}: an incomplete checkpoint (it was being written, or "
+                                                    "its writer was stopped while writing it); use another one")
+    shutil.rmtree(run / "adapter")
+    (run / "metrics.json").unlink()  # a run that stopped before its end
+    for command in ("chat", "eval", "export", "merge"):
+        assert main([command, str(run)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"medlora: error: {run}: this run has no adapter yet (it stopped before its end: medlora train --resume "
+            f"{run} finishes it); its newest complete checkpoint can be used meanwhile: give {earlier} instead of "
+            f"{run}")
+    assert main(["train", "--resume", str(earlier)]) == 2
+    assert capsys.readouterr().err.strip() == (f"medlora: error: {earlier} is a checkpoint: give its run folder "
+                                               f"(medlora train --resume {run}), which goes on from its newest "
+                                               "complete checkpoint")
+
+
 def test_resume_without_complete_checkpoint_is_a_clear_error(uninterrupted, tmp_path, capsys):
     import shutil
 

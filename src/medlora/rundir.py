@@ -4,7 +4,9 @@
       config.yaml          the resolved TrainConfig (``medlora train --config RUN/config.yaml`` reruns it)
       run_info.json        data checksum, row counts, LoRA targets, versions, the speed plan and why
       base_eval.json       the base model's eval loss, measured before training
-      checkpoint-N/        resumable Trainer checkpoints; complete only once medlora_complete.json exists
+      checkpoint-N/        resumable Trainer checkpoints; complete only once medlora_complete.json exists. Each
+                           holds a PEFT adapter: chat, eval, serve, export and merge take RUN/checkpoint-N for the
+                           run at that step (its outputs are named RUN-checkpoint-N, eval-checkpoint-N/, ...)
       adapter/             the PEFT adapter + tokenizer (written atomically)
       trainer_state.json   the Trainer's log history
       loss_curve.png       training loss per optimizer step
@@ -239,32 +241,54 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name[len(CHECKPOINT_PREFIX):])
 
 
+def is_checkpoint_name(name: str) -> bool:
+    return name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()
+
+
 # ---------------------------------------------------------------- the run folder
 
 class RunDir:
-    """A medlora run folder. ``RunDir(path)`` names one; ``RunDir.open`` checks that it is one."""
+    """A medlora run folder. ``RunDir(path)`` names one; ``RunDir.open`` checks that it is one.
+
+    ``RunDir("RUN/checkpoint-N")`` is the run RUN as it was at that checkpoint: its adapter is the checkpoint's (a
+    PEFT adapter with the tokenizer, written by the Trainer), everything else (configuration, data, system prompt)
+    is RUN's, and what is written for it carries the checkpoint's name: RUN/export/RUN-checkpoint-N-QUANT.gguf,
+    RUN/eval-checkpoint-N/, RUN/merged_model-checkpoint-N/. So a run can be tried while it trains, or an earlier
+    step kept when a later one is worse."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        path = Path(path)
+        self.checkpoint_used: Path | None = None  # RUN/checkpoint-N when the run is taken at that checkpoint
+        if is_checkpoint_name(path.name) and (path.parent / CONFIG).is_file():
+            self.checkpoint_used, path = path, path.parent
+        self.path = path
         self.created_root: Path | None = None  # the topmost folder claim_output_dir created, if any
 
     def __repr__(self) -> str:
-        return f"RunDir({str(self.path)!r})"
+        return f"RunDir({str(self)!r})"
 
     def __str__(self) -> str:
-        return str(self.path)
+        return str(self.checkpoint_used or self.path)
 
     # -- what is in it
     config_file = property(lambda self: self.path / CONFIG)
     info_file = property(lambda self: self.path / RUN_INFO)
     metrics_file = property(lambda self: self.path / METRICS)
     base_eval_file = property(lambda self: self.path / BASE_EVAL)
-    adapter_dir = property(lambda self: self.path / ADAPTER)
-    merged_dir = property(lambda self: self.path / MERGED)
+    adapter_dir = property(lambda self: self.checkpoint_used or self.path / ADAPTER)
+    merged_dir = property(lambda self: self.path / (MERGED + self._tag))
     loss_curve = property(lambda self: self.path / LOSS_CURVE)
     export_dir = property(lambda self: self.path / EXPORT)
+    _tag = property(lambda self: f"-{self.checkpoint_used.name}" if self.checkpoint_used else "")
+
+    @property
+    def name(self) -> str:
+        """What names its exports and its model when served: the run folder's name (-checkpoint-N)."""
+        return self.path.resolve().name + self._tag
 
     def has_adapter(self) -> bool:
+        if self.checkpoint_used is not None and not is_complete(self.checkpoint_used):
+            return False
         return (self.adapter_dir / "adapter_config.json").is_file()
 
     def is_finished_run(self) -> bool:
@@ -273,22 +297,52 @@ class RunDir:
 
     @staticmethod
     def is_merged_model(path: Path) -> bool:
-        """A merged_model/ folder inside a run (it brings the run's system prompt along)."""
-        return path.name == MERGED and (path.parent / CONFIG).is_file()
+        """A merged_model/ folder inside a run (it brings the run's system prompt along), or a checkpoint's
+        merged_model-checkpoint-N/."""
+        tagged = path.name.startswith(MERGED + "-") and is_checkpoint_name(path.name[len(MERGED) + 1:])
+        return (path.name == MERGED or tagged) and (path.parent / CONFIG).is_file()
+
+    @classmethod
+    def home(cls, path: Path) -> "RunDir":
+        """The run a folder speaks for: a merged model's run (at its checkpoint, for merged_model-checkpoint-N),
+        else the folder itself."""
+        if not cls.is_merged_model(path):
+            return cls(path)
+        run = cls(path.parent)
+        if path.name != MERGED:
+            run.checkpoint_used = path.parent / path.name[len(MERGED) + 1:]
+        return run
 
     @classmethod
     def open(cls, path: str | Path, finished: bool = True) -> "RunDir":
         """The run folder at ``path``; one clear error for anything else. ``finished=False`` accepts a run
         that has a configuration but no adapter yet (one to resume)."""
         run = cls(path)
-        if not run.path.is_dir():
-            raise not_a_folder(run.path)
+        if not Path(path).is_dir():
+            raise not_a_folder(Path(path))
+        if not finished and run.checkpoint_used is not None:
+            raise MedloraError(f"{run} is a checkpoint: give its run folder (medlora train --resume {run.path}), which "
+                               "goes on from its newest complete checkpoint")
         if not (run.is_finished_run() if finished else run.config_file.is_file()):
             raise run.not_a_run()
         return run
 
     def not_a_run(self, extra: str = "") -> MedloraError:
-        """The one wording of "this folder is not a run" (``extra``: what else it is not)."""
+        """The one wording of "this folder is not a run" (``extra``: what else it is not), or of a run that has no
+        adapter yet, or of a checkpoint that cannot be used."""
+        if self.checkpoint_used is not None:
+            return MedloraError(f"{self}: an incomplete checkpoint (it was being written, or its writer was stopped "
+                                f"while writing it); use another one")
+        if self.config_file.is_file() and not self.has_adapter():
+            last = self.latest_complete_checkpoint(quiet=True)
+            if self.is_locked():
+                state = "it is still training" + ("" if last else "; no checkpoint is complete yet")
+            elif last:
+                state = f"it stopped before its end: medlora train --resume {self} finishes it"
+            else:
+                state = "it stopped before its first checkpoint: start it again"
+            use = f"; its newest complete checkpoint can be used meanwhile: give {last} instead of {self}" if last else ""
+            return MedloraError(f"{self}: this run has no adapter yet ({state}){use}")
         return MedloraError(f"{self.path}: not a medlora run folder (no {ADAPTER}/ with {CONFIG}){extra}")
 
     # -- configuration and JSON files
@@ -370,6 +424,14 @@ class RunDir:
             return True
         return False
 
+    def is_locked(self) -> bool:
+        """Another live process holds the folder's lock (it is training)."""
+        try:
+            holder = int((self.path / LOCK).read_text().strip() or 0)
+        except (OSError, ValueError):
+            return False
+        return holder != os.getpid() and _pid_alive(holder)
+
     def lock_or_fail(self) -> None:
         if not self.try_lock():
             raise MedloraError(f"{self.path}: another medlora process is training in this folder "
@@ -425,5 +487,6 @@ class RunDir:
         return atomic_dir(self.adapter_dir, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 
     def eval_dir(self, data: str | None = None) -> Path:
-        """Where ``medlora eval`` writes: eval/ for the run's own split, eval-NAME/ for another CSV."""
-        return self.path / (EVAL if data is None else f"{EVAL}-{Path(data).stem}")
+        """Where ``medlora eval`` writes: eval/ for the run's own split, eval-NAME/ for another CSV (and
+        eval-checkpoint-N/, eval-checkpoint-N-NAME/ for a checkpoint)."""
+        return self.path / (EVAL + self._tag + ("" if data is None else f"-{Path(data).stem}"))

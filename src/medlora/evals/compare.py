@@ -197,8 +197,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20
     limit = cfg.max_eval_samples if max_eval_samples is None else max_eval_samples
     rows = select_rows(cfg, run, data, samples, limit if limit and limit > 0 else None)
     check_backend_choice(backend, threads)
-    hf = load_backend(str(run.path), model, cfg.trust_remote_code)  # losses are always transformers' (fp32)
-    generator = GuardedBackend(open_eval_generator(str(run.path), model, backend, hf, threads, cfg.trust_remote_code),
+    hf = load_backend(str(run), model, cfg.trust_remote_code)  # losses are always transformers' (fp32)
+    generator = GuardedBackend(open_eval_generator(str(run), model, backend, hf, threads, cfg.trust_remote_code),
                                safety_guard, emergency_number)
     log(f"evaluating {generator.description} and its base model on {rows.source}")
 
@@ -226,6 +226,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, samples: int = 20
 
     metrics = {
         "run_dir": str(run_dir),
+        "name": run.name,
         "base_model": model or cfg.model,
         "data": rows.source,
         "loss_rows": n_rows,
@@ -255,6 +256,8 @@ def losses_from_training(run: RunDir, cfg: TrainConfig, rows: int) -> dict | Non
     would measure: the same rows of the same unchanged file, in fp32, with the weights that are in the folder now.
     On the 1.5B model measuring them again costs about ten seconds per row and model on a CPU: over an hour for
     the default 200 rows. None when they do not qualify (bf16 or int8 training, another file, another count)."""
+    if run.checkpoint_used is not None:  # training measured its final weights, not a checkpoint's
+        return None
     m, info = run.read_metrics(), run.read_info()
     if m.get("eval_precision") != "fp32" or m.get("eval_rows") != rows or not info.get("data_sha256"):
         return None
@@ -269,6 +272,9 @@ def losses_from_training(run: RunDir, cfg: TrainConfig, rows: int) -> dict | Non
 
 
 def _training_summary(run: RunDir) -> dict:
+    if run.checkpoint_used is not None:
+        state = run.trainer_state(run.checkpoint_used)
+        return {"checkpoint": run.checkpoint_used.name, "train_steps": state.get("global_step")}
     m = run.read_metrics()
     keys = ("train_steps", "train_samples", "train_loss", "train_seconds", "base_eval_loss", "eval_loss")
     return {k: m[k] for k in keys if k in m}

@@ -61,7 +61,9 @@ SAFETY_CAVEAT = ("Both the guard and the answer check are keyword rules, not a t
 def _subtitle(metrics: dict) -> str:
     gen = metrics["generation"]
     t = metrics["training"]
-    trained = f"{t['train_steps']} training steps, " if "train_steps" in t else ""
+    trained = f"{t['train_steps']} training steps, " if t.get("train_steps") is not None else ""
+    if t.get("checkpoint"):
+        trained = f"at {t['checkpoint']}: {trained}"
     engine = {"llamacpp": "llama.cpp", "hf": "transformers"}.get(metrics.get("backend", "hf"), metrics.get("backend"))
     if metrics.get("backend_description"):
         engine += f": {metrics['backend_description']}"
@@ -71,7 +73,7 @@ def _subtitle(metrics: dict) -> str:
 
 
 def render_markdown(metrics: dict, shown: list[dict], has_curve: bool = True) -> str:
-    lines = [f"# medlora eval: {Path(metrics['run_dir']).name}", "", _subtitle(metrics), "", "## Metrics", "",
+    lines = [f"# medlora eval: {metrics.get('name') or Path(metrics['run_dir']).name}", "", _subtitle(metrics), "", "## Metrics", "",
              "| | base | fine-tuned |", "|---|---:|---:|"]
     lines += [f"| {label} | {b} | {f} |" for label, b, f in metric_rows(metrics)]
     lines += ["", *(f"- {note}" for note in metrics["interpretation"]), "", f"> {metrics['rouge_caveat']}", ""]
@@ -124,7 +126,7 @@ def render_html(metrics: dict, shown: list[dict], loss_curve: Path) -> str:
                        for label, b, f in rows)
         extra += (f"<h2>{e(head)}</h2><table><tr><th></th><th>base</th><th>fine-tuned</th></tr>{body}</table>"
                   f"<ul>{''.join(f'<li>{e(n)}</li>' for n in items)}</ul>")
-    title = e(f"medlora eval: {Path(metrics['run_dir']).name}")
+    title = e(f"medlora eval: {metrics.get('name') or Path(metrics['run_dir']).name}")
     return (f"<!DOCTYPE html><html><head><meta charset=utf-8><title>{title}</title><style>{CSS}</style></head><body>"
             f"<h1>{title}</h1><p class=muted>{e(_subtitle(metrics))}</p>"
             f"<h2>Metrics</h2><table><tr><th></th><th>base</th><th>fine-tuned</th></tr>{table}</table>"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import MedloraError, log
 from ..prompts import DEFAULT_SYSTEM_PROMPT
-from ..rundir import EXPORT, MODELFILE, RunDir, check_output_file, not_a_folder
+from ..rundir import MODELFILE, RunDir, check_output_file, not_a_folder
 from .q4_0 import activation_importance, calibration_tokens, keeps_q8_0, q4_0_weighted
 
 QUANTS = ("f16", "q8_0", "q4_0")
@@ -295,8 +295,9 @@ def modelfile_text(gguf_file: str, chat_template: str, system_prompt: str, vocab
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(gguf_path: Path, tokenizer, system_prompt: str) -> Path:
-    path = gguf_path.with_name(MODELFILE)
+def write_modelfile(gguf_path: Path, tokenizer, system_prompt: str, tag: str = "") -> Path:
+    """Ollama's Modelfile beside the GGUF (Modelfile-checkpoint-N for a checkpoint's: the run's own stays)."""
+    path = gguf_path.with_name(MODELFILE + tag)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(modelfile_text(gguf_path.name, tokenizer.chat_template or "", system_prompt,
                                   tokenizer.get_vocab()), encoding="utf-8")
@@ -318,16 +319,16 @@ def export(target: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | 
     path = Path(target)
     if not path.is_dir():
         raise not_a_folder(path)
-    run = RunDir(path)
+    run = RunDir(path)  # a run, or a run at one of its checkpoints
     if run.is_finished_run():
         home = run
     elif (path / "config.json").is_file():
         merged = RunDir.is_merged_model(path)  # a run's merged_model/: the run names the file and the prompt
-        home = RunDir(path.parent) if merged else RunDir(path)
+        home = RunDir.home(path)
     else:
         raise run.not_a_run(" nor a model folder (no config.json)")
-    name = home.path.resolve().name
-    out = Path(output) if output else home.path / EXPORT / f"{name}-{quant}.gguf"
+    name = home.name
+    out = Path(output) if output else home.export_dir / f"{name}-{quant}.gguf"
     check_output_file(out, "--output")  # before the model loads (seconds to minutes), not after
     if home is run:
         peft_model, tokenizer, _ = load_run_model(run, trust_remote_code=trust_remote_code)
@@ -348,7 +349,7 @@ def export(target: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | 
             log(f"q4_0: no calibration data ({source}); plain round-to-nearest q4_0")
     write_gguf(model, tokenizer, out, quant, name=name, progress=progress, importance=importance)
     if modelfile:
-        write_modelfile(out, tokenizer, prompt)
+        write_modelfile(out, tokenizer, prompt, home._tag)
     return out
 
 
@@ -376,12 +377,11 @@ def cached_export(target: str | Path | None, quant: str = DEFAULT_QUANT, model: 
             raise NotExportable(f"{model}: not a local model folder, cannot export it to GGUF")
     else:
         folder = Path(target)
-        run = RunDir(folder.parent if RunDir.is_merged_model(folder) else folder)
+        run = RunDir.home(folder)
         if run.is_finished_run():
-            name = run.path.resolve().name
-            out = run.path / EXPORT / f"{name}-{quant}.gguf"
+            out = run.export_dir / f"{run.name}-{quant}.gguf"
             if not out.is_file() or out.stat().st_mtime < _newest_mtime(run.adapter_dir):
-                export(run.path, quant, out, trust_remote_code, announce=f"exporting {run.path} to {out} for "
+                export(str(run), quant, out, trust_remote_code, announce=f"exporting {run} to {out} for "
                        "llama.cpp (once; `medlora export` writes the same file)")
             return out
     resolved = folder.resolve()

@@ -123,6 +123,6 @@ def load_backend(target: str | None = None, model: str | None = None, trust_remo
                          f"{path} (adapter {'merged into' if merge else 'on'} {base_name})")
     prompt = DEFAULT_SYSTEM_PROMPT  # merged_model/ or any HF folder (check_target saw its config.json)
     if RunDir.is_merged_model(path):
-        prompt = RunDir(path.parent).system_prompt() or prompt
+        prompt = RunDir.home(path).system_prompt() or prompt
     return HFBackend(load_model(str(path), trust_remote_code), load_tokenizer(str(path), trust_remote_code),
                      prompt, str(path))

@@ -31,8 +31,7 @@ def _system_prompt(target: str | None) -> str:
     if target is None:
         return DEFAULT_SYSTEM_PROMPT
     path = Path(target)
-    run = RunDir(path.parent if RunDir.is_merged_model(path) else path)
-    return run.system_prompt() or DEFAULT_SYSTEM_PROMPT
+    return RunDir.home(path).system_prompt() or DEFAULT_SYSTEM_PROMPT
 
 
 class LlamaCppUnavailable(MedloraError):

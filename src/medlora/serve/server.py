@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from ..errors import MedloraError, log
-from ..rundir import MERGED
+from ..rundir import RunDir
 
 API_KEY_ENV = "MEDLORA_API_KEY"
 
@@ -44,9 +44,7 @@ def model_id(target: str | None, model: str | None, served_name: str | None) -> 
         return served_name
     if target:
         path = Path(target)
-        if path.name == MERGED:
-            path = path.parent
-        return path.stem if path.suffix == ".gguf" else path.name
+        return path.stem if path.suffix == ".gguf" else RunDir.home(path).name
     return str(model)
 
 
