@@ -168,6 +168,29 @@ def test_encode_frame_counts_skips_and_truncations(tokenizer, sample_csv):
     assert all(len(ex["input_ids"]) <= 200 for ex in enc.examples)
 
 
+def test_tokenizing_on_every_core_gives_the_same_examples_and_leaves_the_users_setting(tokenizer, sample_csv,
+                                                                                        monkeypatch):
+    """medlora's own TOKENIZERS_PARALLELISM=false (set so that forked processes stay quiet) is switched on around
+    the batch calls only, with the same tokens; a value the user set is left alone."""
+    import os
+
+    from medlora import cpu
+
+    df, _ = load_qa_csv(sample_csv)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    monkeypatch.delenv(cpu._OUR_TOKENIZERS_DEFAULT, raising=False)
+    cpu.quiet_tokenizers_after_fork()
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    seen = []
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, _call=type(tokenizer).__call__, **k: (
+        seen.append(os.environ["TOKENIZERS_PARALLELISM"]), _call(self, *a, **k))[1])
+    parallel = encode_frame(tokenizer, df, DEFAULT_SYSTEM_PROMPT, 512).examples
+    assert seen == ["true", "true"] and os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.delenv(cpu._OUR_TOKENIZERS_DEFAULT)  # now "false" is the user's own
+    assert encode_frame(tokenizer, df, DEFAULT_SYSTEM_PROMPT, 512).examples == parallel
+    assert seen[2:] == ["false", "false"]
+
+
 def test_data_check_reports_statistics(sample_csv, capsys):
     assert main(["data", "check", str(sample_csv), "--model", "smollm2-135m", "--max_seq_len", "200"]) == 0
     out = capsys.readouterr().out

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import DEFAULT_MODEL, add_config_arguments, build_config
+from .cpu import quiet_tokenizers_after_fork
 from .errors import Interrupted, MedloraError, memory_failure, write_failure
 from .rundir import EXPORT, MERGED, MODELFILE
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+quiet_tokenizers_after_fork()
 # Deprecation chatter from transformers/peft internals is noise to our users, not something they can act on.
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", message=".*is deprecated.*")

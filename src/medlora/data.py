@@ -183,8 +183,11 @@ def _encode_rows(tokenizer, system_prompt: str, questions, answers, max_seq_len:
     texts = [_render(tokenizer, system_prompt, q, a) for q, a in zip(questions, answers)]
     if not texts:
         return []
-    prompt_ids = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer([a for _, a in texts], add_special_tokens=False)["input_ids"]
+    from .cpu import tokenizing_on_every_core
+
+    with tokenizing_on_every_core():
+        prompt_ids = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer([a for _, a in texts], add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids)
     return [_assemble(p, a, special, max_seq_len) for p, a in zip(prompt_ids, answer_ids)]
 
