@@ -1,5 +1,8 @@
 # Every install step is here: `make demo` and `make test` work on a fresh clone with nothing but python3.
-PYTHON ?= python3
+# The pinned stack (numpy 2.4, pandas 3, fastapi) needs Python 3.11 or newer: python3 when it is new enough, else the
+# newest python3.1x on the PATH; `make PYTHON=...` chooses another.
+PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
+    $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && { echo $$p; break; }; done)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -9,6 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: setup system-packages demo test test-fast bench lock clean
 
 $(STAMP): requirements.txt pyproject.toml
+	@test -n "$(PYTHON)" || { echo "medlora needs Python 3.11 or newer, and python3 is $$(python3 --version 2>&1 | cut -d' ' -f2): install a newer one (then make PYTHON=python3.12, for example)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-compile -r requirements.txt
