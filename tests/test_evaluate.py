@@ -19,7 +19,8 @@ from medlora.errors import MedloraError
 from medlora.data import load_qa_csv, split
 from medlora.evals.compare import interpret, rouge_l_f1, select_rows
 from medlora.evals.report import render_html
-from medlora.rundir import RunDir, file_sha256
+from medlora.files import file_sha256
+from medlora.rundir import RunDir
 
 def open_run(path):
     return RunDir.open(path).read_config()

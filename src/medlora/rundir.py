@@ -15,24 +15,21 @@
       eval/, eval-NAME/    reports written by ``medlora eval``
       export/              ``medlora export``: NAME-QUANT.gguf for llama.cpp and an Ollama Modelfile
 
-Every JSON file and folder is written under a temporary name and renamed into place, so a reader (or a
+Every JSON file and folder is written under a temporary name and renamed into place (files.py), so a reader (or a
 resume after a crash) never sees a half-written artifact.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import shutil
-import signal
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
-from .errors import MedloraError, log, write_failure
+from .errors import MedloraError, log
+from .files import atomic_dir, crash_point, existing_ancestor, read_json, write_json_atomic
 
 CONFIG = "config.yaml"
 RUN_INFO = "run_info.json"
@@ -49,90 +46,6 @@ EVAL = "eval"
 REPORT_MD, REPORT_HTML = "report.md", "report.html"  # in eval/, beside its own metrics.json
 EXPORT = "export"
 MODELFILE = "Modelfile"  # Ollama's, in export/ beside the .gguf
-
-
-# ---------------------------------------------------------------- writing without half-written files
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def finite_json(value):
-    """NaN and infinity as null: JSON has no such numbers, and a run folder's files must stay valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    return value
-
-
-# Fault injection for the crash tests (tests/test_crash.py): with MEDLORA_TEST_CRASH_AT=<point>, the process
-# SIGKILLs itself at that point of writing an artifact, exactly as a power cut or the OOM killer would.
-CRASH_ENV = "MEDLORA_TEST_CRASH_AT"
-
-
-def crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def raise_write_error(path: Path, error: BaseException):
-    """Re-raise ``error``; as one line naming ``path`` when it is a failed write (a full disk, a quota)."""
-    reason = write_failure(error)  # None for Ctrl-C and every other error
-    if reason is None:
-        raise error
-    free = shutil.disk_usage(existing_ancestor(path)).free
-    raise MedloraError(f"cannot write {path}: {reason} ({free / 1e6:,.0f} MB free there)") from None
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(finite_json(data), indent=2, ensure_ascii=False, allow_nan=False),
-                      crash=f"json:{path.name}")
-
-
-def write_text_atomic(path: Path, text: str, crash: str | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-    except BaseException as e:  # a full disk: no half-written file left behind
-        tmp.unlink(missing_ok=True)
-        raise_write_error(path, e)
-    if crash:
-        crash_point(crash)
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from the run folder, or {} when the file is absent or unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def atomic_dir(final: Path, write: Callable[[Path], object]) -> Path:
-    """Call write(tmp_dir), then rename into place, so readers never see a half-written folder."""
-    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-    except BaseException as e:  # a full disk (or Ctrl-C): the half-written folder goes, and gives its room back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise_write_error(final, e)
-    crash_point(f"dir:{final.name}")
-    if final.exists():  # replacing: the previous version stays whole until the new one is in place
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 # ---------------------------------------------------------------- choosing and checking a location
@@ -153,13 +66,6 @@ def unique_output_dir(path: str | Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.name}-{stamp}-{n}")
     return candidate
-
-
-def existing_ancestor(path: Path) -> Path:
-    """``path`` itself, or its nearest parent that exists."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def check_output_location(path: Path, need_bytes: int = 0, label: str = "output_dir") -> None:

@@ -24,7 +24,8 @@ from ..inference.guard import GuardedBackend, without_notice
 from ..inference.hf import load_backend
 from ..inference.loader import check_backend_choice, open_eval_generator
 from ..progress import bar
-from ..rundir import RUN_INFO, RunDir, file_sha256
+from ..files import file_sha256
+from ..rundir import RUN_INFO, RunDir
 from .report import LABELS, MODELS, ROUGE_CAVEAT, write_report
 from .safety_check import DATA_DIR, safety_check
 # Heuristic thresholds for the specification's "train >> eval" and "both low" readings of ROUGE-L F1.

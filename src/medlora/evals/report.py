@@ -9,7 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
-from ..rundir import LOSS_CURVE, METRICS, REPORT_HTML, REPORT_MD, write_text_atomic
+from ..files import write_text_atomic
+from ..rundir import LOSS_CURVE, METRICS, REPORT_HTML, REPORT_MD
 
 MODELS = ("base", "fine_tuned")
 LABELS = {"base": "base", "fine_tuned": "fine-tuned"}

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..model import load_run_model
-from ..rundir import RunDir, atomic_dir
+from ..files import atomic_dir
+from ..rundir import RunDir
 
 
 def merge_and_save(peft_model, tokenizer, out: Path) -> Path:

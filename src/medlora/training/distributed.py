@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..config import check_divides
 from ..cpu import usable_cpus
-from ..rundir import crash_point
+from ..files import crash_point
 from .callbacks import CheckpointGuard
 from .launcher import LAUNCHED_ENV, QUIET_EXIT, in_worker, resume_hint
 

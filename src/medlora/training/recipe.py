@@ -28,7 +28,8 @@ from ..cpu import (SpeedPlan, cpu_has_native_bf16, cpu_summary, precision_reason
 from ..data import DataReport, EncodedSplit, encode_frame, split
 from ..errors import Interrupted, MedloraError, log, memory_failure, write_failure
 from ..model import find_lora_targets, load_model, load_tokenizer, resolve_model
-from ..rundir import RunDir, check_output_location, claim_output_dir, file_sha256
+from ..files import file_sha256
+from ..rundir import RunDir, check_output_location, claim_output_dir
 from . import distributed
 from .callbacks import CheckpointGuard, FiniteLoss, Interrupt, SampleProgress
 from .inputs import read_data
