@@ -155,7 +155,7 @@ def test_interpretation_follows_the_specification():
 def test_html_report_escapes_text_and_embeds_the_curve(tmp_path):
     png = tmp_path / "curve.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\nfake")
-    metrics = {"run_dir": str(tmp_path / "r<1>"), "base_model": "m", "data": "d.csv", "loss_rows": 1,
+    metrics = {"run_dir": str(tmp_path / "r<1>"), "name": "r<1>", "base_model": "m", "data": "d.csv", "loss_rows": 1,
                "eval_loss": {"base": 2.0, "fine_tuned": 1.0}, "perplexity": {"base": 7.39, "fine_tuned": 2.72},
                "rouge_l_f1": rouge(0.2, 0.1, rows=1), "interpretation": ["a < b"], "rouge_caveat": "caveat",
                "generation": {"max_new_tokens": 8}, "training": {}}

@@ -18,7 +18,8 @@ from .errors import log
 # The tokenizers library: medlora's processes run with TOKENIZERS_PARALLELISM=false unless the user set it, so that
 # a process forked later (DataLoader workers) neither warns nor risks a deadlock; the library reads the variable on
 # every call, so the big batch calls (tokenising a whole CSV) switch it on around themselves and use every core
-# (`medlora data check` on MedQuAD: 37 s -> 28 s on a 2-core Zen 3). The marker says the "false" is medlora's default, not the user's choice.
+# (`medlora data check` on MedQuAD: 37 s -> 28 s on a 2-core Zen 3). The marker says the "false" is medlora's
+# default, not the user's choice.
 _OUR_TOKENIZERS_DEFAULT = "MEDLORA_TOKENIZERS_DEFAULT"
 
 

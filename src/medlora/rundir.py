@@ -247,8 +247,8 @@ class RunDir:
                 state = f"it stopped before its end: medlora train --resume {self} finishes it"
             else:
                 state = "it stopped before its first checkpoint: start it again"
-            use = f"; its newest complete checkpoint can be used meanwhile: give {last} instead of {self}" if last else ""
-            return MedloraError(f"{self}: this run has no adapter yet ({state}){use}")
+            use = f"; its newest complete checkpoint can be used meanwhile: give {last} instead of {self}"
+            return MedloraError(f"{self}: this run has no adapter yet ({state}){use if last else ''}")
         return MedloraError(f"{self.path}: not a medlora run folder (no {ADAPTER}/ with {CONFIG}){extra}")
 
     # -- configuration and JSON files
@@ -369,8 +369,7 @@ class RunDir:
 
     def checkpoints(self) -> list[Path]:
         """checkpoint-N folders, newest first."""
-        found = [p for p in self.path.glob(f"{CHECKPOINT_PREFIX}*")
-                 if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+        found = [p for p in self.path.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and is_checkpoint_name(p.name)]
         return sorted(found, key=checkpoint_step, reverse=True)
 
     def latest_complete_checkpoint(self, quiet: bool = False) -> Path | None:

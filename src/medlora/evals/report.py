@@ -59,6 +59,10 @@ SAFETY_CAVEAT = ("Both the guard and the answer check are keyword rules, not a t
                  f"answers in {METRICS} before putting a model in front of people.")
 
 
+def _title(metrics: dict) -> str:
+    return f"medlora eval: {metrics['name']}"  # the run folder's name (RUN-checkpoint-N for a checkpoint)
+
+
 def _subtitle(metrics: dict) -> str:
     gen = metrics["generation"]
     t = metrics["training"]
@@ -74,7 +78,7 @@ def _subtitle(metrics: dict) -> str:
 
 
 def render_markdown(metrics: dict, shown: list[dict], has_curve: bool = True) -> str:
-    lines = [f"# medlora eval: {metrics.get('name') or Path(metrics['run_dir']).name}", "", _subtitle(metrics), "", "## Metrics", "",
+    lines = [f"# {_title(metrics)}", "", _subtitle(metrics), "", "## Metrics", "",
              "| | base | fine-tuned |", "|---|---:|---:|"]
     lines += [f"| {label} | {b} | {f} |" for label, b, f in metric_rows(metrics)]
     lines += ["", *(f"- {note}" for note in metrics["interpretation"]), "", f"> {metrics['rouge_caveat']}", ""]
@@ -127,7 +131,7 @@ def render_html(metrics: dict, shown: list[dict], loss_curve: Path) -> str:
                        for label, b, f in rows)
         extra += (f"<h2>{e(head)}</h2><table><tr><th></th><th>base</th><th>fine-tuned</th></tr>{body}</table>"
                   f"<ul>{''.join(f'<li>{e(n)}</li>' for n in items)}</ul>")
-    title = e(f"medlora eval: {metrics.get('name') or Path(metrics['run_dir']).name}")
+    title = e(_title(metrics))
     return (f"<!DOCTYPE html><html><head><meta charset=utf-8><title>{title}</title><style>{CSS}</style></head><body>"
             f"<h1>{title}</h1><p class=muted>{e(_subtitle(metrics))}</p>"
             f"<h2>Metrics</h2><table><tr><th></th><th>base</th><th>fine-tuned</th></tr>{table}</table>"

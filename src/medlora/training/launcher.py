@@ -139,7 +139,7 @@ def _report_failure(failures: dict, nproc: int, run_dir: str | None) -> int:
     if codes & saved and codes <= saved | {QUIET_EXIT, -signal.SIGTERM}:
         return max(codes & saved)
     # the root cause: a process killed from outside (SIGKILL: the OOM killer, kill -9) or one that crashed
-    culprits = [(r, f) for r, f in failures.items() if f.exitcode not in (QUIET_EXIT, -signal.SIGTERM, 2, 129, 130, 143)]
+    culprits = [(r, f) for r, f in failures.items() if f.exitcode not in saved | {QUIET_EXIT, -signal.SIGTERM, 2}]
     rank_, failure = min(culprits or failures.items(), key=lambda rf: rf[1].timestamp)
     how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
            else f"exited with code {failure.exitcode} (run with --nproc 1 to see its error)")
