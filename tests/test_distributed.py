@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -188,6 +189,80 @@ def test_killed_rank_ends_the_job_and_one_process_resumes(reference, sample_csv,
     # equal the one-process run's (the two-machine test above compares a whole two-process run)
     assert_same_run(out, reference)
     assert not (out / ".medlora-lock").exists()
+
+
+def error_lines(text: str) -> list[str]:
+    """The `medlora: error:` lines of a log (progress bars redraw with carriage returns)."""
+    return [line for line in re.split(r"[\r\n]", text) if line.startswith("medlora: error:")]
+
+
+def test_a_dead_machine_ends_the_other_machines_process_in_one_line(sample_csv, tiny_model_dir, tmp_path):
+    """Two torchrun "machines" on loopback (the multi-machine command of the README); machine 1's process dies
+    (SIGKILL after step 3). Machine 0's process finds its peer gone at the next collective and says so in one line
+    that names the checkpoint to resume from, instead of a gloo traceback or a 30-minute wait (torchrun then adds its
+    own failure report, which medlora cannot silence under a plain torchrun)."""
+    out, port = tmp_path / "run", free_port()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+              "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "medlora-dead-peer",
+              "--local-addr", "127.0.0.1", "-m", "medlora", "train", *recipe(sample_csv, tiny_model_dir),
+              "--output_dir", str(out)]
+    logs = [tmp_path / f"machine{i}.err" for i in range(2)]
+    machines = [subprocess.Popen(launch, stdout=subprocess.DEVNULL, stderr=log.open("w"),
+                                 env=env(MEDLORA_TEST_CRASH_AT="step:3:rank1")) for log in logs]
+    try:
+        for m in machines:
+            m.wait(timeout=300)
+    finally:
+        for m in machines:
+            kill_tree(m)
+    assert all(m.returncode != 0 for m in machines)
+    err = logs[0].read_text()
+    lines = error_lines(err)
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("medlora: error: training process rank 0 lost contact with the other processes (")
+    assert lines[0].endswith(f"); the job stops. Resume from the last complete checkpoint (checkpoint-2) with: "
+                             f"medlora train --resume {out} (any --nproc)")
+    frames = [line for line in err.splitlines() if line.strip().startswith("File ")]  # torchrun's own traceback
+    assert not [f for f in frames if "medlora" in f], frames
+    assert (out / "checkpoint-2" / "medlora_complete.json").exists() and not (out / "metrics.json").exists()
+
+
+def test_a_full_disk_under_nproc_stops_in_one_line_and_the_run_resumes(sample_csv, tiny_model_dir, tmp_path):
+    """The disk fills up while two processes train (a file size limit set on both once checkpoint-2 is complete:
+    writes then fail as on a full disk): one line naming the last complete checkpoint, no half-written checkpoint,
+    no process left, and one process resumes the run to its end."""
+    import resource
+
+    from medlora.rundir import RunDir, is_complete
+
+    steps, out = 12, tmp_path / "run"
+    args = recipe(sample_csv, tiny_model_dir)
+    args[args.index("--max_steps") + 1] = str(steps)
+    proc = subprocess.Popen([sys.executable, "-m", "medlora", "train", *args, "--output_dir", str(out), "--nproc", "2"],
+                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr.txt").open("w"), env=env())
+    try:
+        deadline = time.monotonic() + 240
+        workers = [find_rank(psutil.Process(proc.pid), rank, deadline) for rank in ("0", "1")]
+        while not (out / "checkpoint-2" / "medlora_complete.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.txt").read_text()[-3000:]
+            time.sleep(0.05)
+        for worker in workers:
+            resource.prlimit(worker.pid, resource.RLIMIT_FSIZE, (4096, 4096))  # every checkpoint has larger files
+        proc.wait(timeout=120)
+        assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        kill_tree(proc)
+    err = (tmp_path / "stderr.txt").read_text()
+    last = RunDir(out).latest_complete_checkpoint()
+    assert proc.returncode == 2 and "Traceback" not in err and last is not None, err[-3000:]
+    assert 2 <= int(last.name.split("-")[1]) < steps
+    assert error_lines(err)[-1].startswith(f"medlora: error: cannot write to the run folder {out}: File too large (")
+    assert error_lines(err)[-1].endswith(f"Training stopped: the last complete checkpoint is {last.name}; make room, "
+                                         f"then resume with: medlora train --resume {out}")
+    assert all(is_complete(c) for c in RunDir(out).checkpoints())
+    assert not (out / ".medlora-lock").exists() and not (out / "metrics.json").exists()
+    assert main(["train", "--resume", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == steps
 
 
 SIGNALS = {"ctrl_c": signal.SIGINT, "sigterm": signal.SIGTERM, "hang_up": signal.SIGHUP}

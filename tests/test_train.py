@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import yaml
 
 from medlora.cli import main
 from medlora.config import build_config
+from medlora.cpu import cpu_has_native_bf16
 
 pytestmark = pytest.mark.slow
 
@@ -105,8 +107,13 @@ def test_second_run_into_same_folder_is_not_overwritten(trained_run, sample_csv,
     assert main(["train", "--data", str(sample_csv), "--model", str(tiny_model_dir), "--output_dir", str(trained_run),
                  "--max_steps", "1", "--gradient_accumulation_steps", "1", "--max_eval_samples", "2"]) == 0
     assert (trained_run / "adapter" / "adapter_model.safetensors").read_bytes() == before
-    new_dir = capsys.readouterr().out.strip().splitlines()[-1]
+    out, err = capsys.readouterr()
+    new_dir = out.strip().splitlines()[-1]
     assert new_dir.startswith(str(trained_run) + "-") and (new_dir and __import__("os").path.isdir(new_dir))
+    # --precision auto: fp32 where the CPU has no native bf16, and then the log names the faster opt-in
+    precision = json.loads((Path(new_dir) / "run_info.json").read_text())["precision"]
+    assert precision == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert ("--precision int8 trained the 1.5B model 1.7x faster" in err) == (precision == "fp32")
 
 
 def test_medquad_smoke_run(medquad_csv, tiny_model_dir, tmp_path):
