@@ -150,7 +150,8 @@ def cmd_data_check(args) -> int:
 # ---------------------------------------------------------------- chat
 
 def chat_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", nargs="?", help=f"run folder (or {MERGED}/ or any HF model folder)")
+    p.add_argument("run_dir", nargs="?", help=f"run folder, one of its checkpoint-N/ (the run at step N), its "
+                                              f"{MERGED}/ or any HF model folder")
     p.add_argument("--model", help="base model (alone: chat with the base model; with RUN_DIR: override its base)")
     p.add_argument("--question", "-q", help="ask one question, print the answer and exit")
     p.add_argument("--mode", choices=("greedy", "sample"), default="greedy")
@@ -223,7 +224,7 @@ def cmd_chat(args) -> int:
 # ---------------------------------------------------------------- eval
 
 def eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="run folder written by medlora train")
+    p.add_argument("run_dir", help="run folder written by medlora train, or one of its checkpoint-N/")
     p.add_argument("--data", help="evaluate on this CSV (same columns) instead of the run's own split")
     p.add_argument("--samples", type=int, default=20,
                    help="rows per split to answer for ROUGE-L and the side-by-side (default: %(default)s; 0: none)")
@@ -270,7 +271,7 @@ def cmd_eval(args) -> int:
 # ---------------------------------------------------------------- merge
 
 def merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="run folder, or one of its checkpoint-N/ (writes merged_model-checkpoint-N/)")
 
 
 def cmd_merge(args) -> int:
@@ -286,8 +287,8 @@ def cmd_merge(args) -> int:
 def export_arguments(p: argparse.ArgumentParser) -> None:
     from .export.gguf import DEFAULT_QUANT, QUANTS
 
-    p.add_argument("run_dir", help="run folder (its adapter is merged in memory), its merged model, or an HF model "
-                                   "folder (llama or qwen2)")
+    p.add_argument("run_dir", help="run folder (its adapter is merged in memory), one of its checkpoint-N/, its "
+                                   "merged model, or an HF model folder (llama or qwen2)")
     p.add_argument("--quant", choices=QUANTS, default=DEFAULT_QUANT,
                    help="weight format: f16, q8_0 (default) or q4_0 (calibrated on 8 of the run's training rows, its "
                         "most sensitive tensors kept q8_0); norms and biases stay f32")
@@ -307,7 +308,8 @@ def cmd_export(args) -> int:
 # ---------------------------------------------------------------- serve
 
 def serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", nargs="?", help=f"run folder, its {MERGED}/, an HF model folder or a .gguf file")
+    p.add_argument("run_dir", nargs="?", help=f"run folder, one of its checkpoint-N/, its {MERGED}/, an HF model "
+                                              "folder or a .gguf file")
     p.add_argument("--model", help="base model (alone: serve the base model; with RUN_DIR: override its base)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: %(default)s; another than loopback needs --api_key or "
