@@ -19,7 +19,7 @@ from typing import Callable
 from .config import DEFAULT_MODEL, add_config_arguments, build_config
 from .cpu import quiet_tokenizers_after_fork
 from .errors import Interrupted, MedloraError, memory_failure, write_failure
-from .rundir import EXPORT, MERGED, MODELFILE
+from .rundir import CHECKPOINT_PREFIX, EXPORT, MERGED, MODELFILE
 
 quiet_tokenizers_after_fork()
 # Deprecation chatter from transformers/peft internals is noise to our users, not something they can act on.
@@ -150,8 +150,8 @@ def cmd_data_check(args) -> int:
 # ---------------------------------------------------------------- chat
 
 def chat_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", nargs="?", help=f"run folder, one of its checkpoint-N/ (the run at step N), its "
-                                              f"{MERGED}/ or any HF model folder")
+    p.add_argument("run_dir", nargs="?", help=f"run folder, one of its {CHECKPOINT_PREFIX}N/ (the run at step N), "
+                                              f"its {MERGED}/ or any HF model folder")
     p.add_argument("--model", help="base model (alone: chat with the base model; with RUN_DIR: override its base)")
     p.add_argument("--question", "-q", help="ask one question, print the answer and exit")
     p.add_argument("--mode", choices=("greedy", "sample"), default="greedy")
@@ -224,7 +224,7 @@ def cmd_chat(args) -> int:
 # ---------------------------------------------------------------- eval
 
 def eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="run folder written by medlora train, or one of its checkpoint-N/")
+    p.add_argument("run_dir", help=f"run folder written by medlora train, or one of its {CHECKPOINT_PREFIX}N/")
     p.add_argument("--data", help="evaluate on this CSV (same columns) instead of the run's own split")
     p.add_argument("--samples", type=int, default=20,
                    help="rows per split to answer for ROUGE-L and the side-by-side (default: %(default)s; 0: none)")
@@ -271,7 +271,8 @@ def cmd_eval(args) -> int:
 # ---------------------------------------------------------------- merge
 
 def merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="run folder, or one of its checkpoint-N/ (writes merged_model-checkpoint-N/)")
+    p.add_argument("run_dir", help=f"run folder, or one of its {CHECKPOINT_PREFIX}N/ (writes "
+                                   f"{MERGED}-{CHECKPOINT_PREFIX}N/)")
 
 
 def cmd_merge(args) -> int:
@@ -287,8 +288,8 @@ def cmd_merge(args) -> int:
 def export_arguments(p: argparse.ArgumentParser) -> None:
     from .export.gguf import DEFAULT_QUANT, QUANTS
 
-    p.add_argument("run_dir", help="run folder (its adapter is merged in memory), one of its checkpoint-N/, its "
-                                   "merged model, or an HF model folder (llama or qwen2)")
+    p.add_argument("run_dir", help=f"run folder (its adapter is merged in memory), one of its {CHECKPOINT_PREFIX}N/, "
+                                   "its merged model, or an HF model folder (llama or qwen2)")
     p.add_argument("--quant", choices=QUANTS, default=DEFAULT_QUANT,
                    help="weight format: f16, q8_0 (default) or q4_0 (calibrated on 8 of the run's training rows, its "
                         "most sensitive tensors kept q8_0); norms and biases stay f32")
@@ -308,8 +309,8 @@ def cmd_export(args) -> int:
 # ---------------------------------------------------------------- serve
 
 def serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", nargs="?", help=f"run folder, one of its checkpoint-N/, its {MERGED}/, an HF model "
-                                              "folder or a .gguf file")
+    p.add_argument("run_dir", nargs="?", help=f"run folder, one of its {CHECKPOINT_PREFIX}N/, its {MERGED}/, an HF "
+                                              "model folder or a .gguf file")
     p.add_argument("--model", help="base model (alone: serve the base model; with RUN_DIR: override its base)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: %(default)s; another than loopback needs --api_key or "
