@@ -111,6 +111,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_machines(train_args: list[str], logs: list[tuple[Path, Path]], environment: dict) -> list[subprocess.Popen]:
+    """Two torchrun launches, one per "machine", meeting at a c10d rendezvous on 127.0.0.1 (the README's
+    multi-machine command), each writing its stdout and stderr to its pair of ``logs``; waits for both (bounded)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+              "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "medlora-test",
+              "--local-addr", "127.0.0.1", "-m", "medlora", "train", *train_args]
+    machines = [subprocess.Popen(launch, stdout=out.open("w"), stderr=err.open("w"), env=environment)
+                for out, err in logs]
+    try:
+        for m in machines:
+            m.wait(timeout=300)
+    finally:
+        for m in machines:
+            kill_tree(m)
+    return machines
+
+
 def test_two_machines_on_loopback_write_one_run(reference, sample_csv, tiny_model_dir, tmp_path):
     """Two separate torchrun launches (one per "machine") meet at a c10d rendezvous on 127.0.0.1. Both are given
     the same --output_dir; it already exists and is not empty, so rank 0 claims a timestamped sibling, and rank 1
@@ -118,19 +135,8 @@ def test_two_machines_on_loopback_write_one_run(reference, sample_csv, tiny_mode
     runs = tmp_path / "runs"
     (runs / "run").mkdir(parents=True)
     (runs / "run" / "notes.txt").write_text("an earlier run's folder")
-    port = free_port()
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-              "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "medlora-test",
-              "--local-addr", "127.0.0.1", "-m", "medlora", "train", *recipe(sample_csv, tiny_model_dir),
-              "--output_dir", str(runs / "run")]
     logs = [(tmp_path / f"machine{i}.out", tmp_path / f"machine{i}.err") for i in range(2)]
-    machines = [subprocess.Popen(launch, stdout=out.open("w"), stderr=err.open("w"), env=env()) for out, err in logs]
-    try:
-        for m in machines:
-            m.wait(timeout=300)
-    finally:
-        for m in machines:
-            kill_tree(m)
+    machines = two_machines(recipe(sample_csv, tiny_model_dir) + ["--output_dir", str(runs / "run")], logs, env())
     results = [(out.read_text(), err.read_text()) for out, err in logs]
     assert [m.returncode for m in machines] == [0, 0], [err[-2000:] for _, err in results]
     folders = sorted(p for p in runs.iterdir() if p.name != "run")
@@ -201,22 +207,12 @@ def test_a_dead_machine_ends_the_other_machines_process_in_one_line(sample_csv, 
     (SIGKILL after step 3). Machine 0's process finds its peer gone at the next collective and says so in one line
     that names the checkpoint to resume from, instead of a gloo traceback or a 30-minute wait (torchrun then adds its
     own failure report, which medlora cannot silence under a plain torchrun)."""
-    out, port = tmp_path / "run", free_port()
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-              "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "medlora-dead-peer",
-              "--local-addr", "127.0.0.1", "-m", "medlora", "train", *recipe(sample_csv, tiny_model_dir),
-              "--output_dir", str(out)]
-    logs = [tmp_path / f"machine{i}.err" for i in range(2)]
-    machines = [subprocess.Popen(launch, stdout=subprocess.DEVNULL, stderr=log.open("w"),
-                                 env=env(MEDLORA_TEST_CRASH_AT="step:3:rank1")) for log in logs]
-    try:
-        for m in machines:
-            m.wait(timeout=300)
-    finally:
-        for m in machines:
-            kill_tree(m)
+    out = tmp_path / "run"
+    logs = [(tmp_path / f"machine{i}.out", tmp_path / f"machine{i}.err") for i in range(2)]
+    machines = two_machines(recipe(sample_csv, tiny_model_dir) + ["--output_dir", str(out)], logs,
+                            env(MEDLORA_TEST_CRASH_AT="step:3:rank1"))
     assert all(m.returncode != 0 for m in machines)
-    err = logs[0].read_text()
+    err = logs[0][1].read_text()
     lines = error_lines(err)
     assert len(lines) == 1, err[-3000:]
     assert lines[0].startswith("medlora: error: training process rank 0 lost contact with the other processes (")
