@@ -182,15 +182,15 @@ class RunDir:
     metrics_file = property(lambda self: self.path / METRICS)
     base_eval_file = property(lambda self: self.path / BASE_EVAL)
     adapter_dir = property(lambda self: self.checkpoint_used or self.path / ADAPTER)
-    merged_dir = property(lambda self: self.path / (MERGED + self._tag))
+    merged_dir = property(lambda self: self.path / (MERGED + self.tag))
     loss_curve = property(lambda self: self.path / LOSS_CURVE)
     export_dir = property(lambda self: self.path / EXPORT)
-    _tag = property(lambda self: f"-{self.checkpoint_used.name}" if self.checkpoint_used else "")
+    tag = property(lambda self: f"-{self.checkpoint_used.name}" if self.checkpoint_used else "")  # in output names
 
     @property
     def name(self) -> str:
         """What names its exports and its model when served: the run folder's name (-checkpoint-N)."""
-        return self.path.resolve().name + self._tag
+        return self.path.resolve().name + self.tag
 
     def has_adapter(self) -> bool:
         if self.checkpoint_used is not None and not is_complete(self.checkpoint_used):
@@ -214,10 +214,7 @@ class RunDir:
         else the folder itself."""
         if not cls.is_merged_model(path):
             return cls(path)
-        run = cls(path.parent)
-        if path.name != MERGED:
-            run.checkpoint_used = path.parent / path.name[len(MERGED) + 1:]
-        return run
+        return cls(path.parent if path.name == MERGED else path.parent / path.name[len(MERGED) + 1:])
 
     @classmethod
     def open(cls, path: str | Path, finished: bool = True) -> "RunDir":
@@ -394,4 +391,4 @@ class RunDir:
     def eval_dir(self, data: str | None = None) -> Path:
         """Where ``medlora eval`` writes: eval/ for the run's own split, eval-NAME/ for another CSV (and
         eval-checkpoint-N/, eval-checkpoint-N-NAME/ for a checkpoint)."""
-        return self.path / (EVAL + self._tag + ("" if data is None else f"-{Path(data).stem}"))
+        return self.path / (EVAL + self.tag + ("" if data is None else f"-{Path(data).stem}"))

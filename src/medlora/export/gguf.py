@@ -349,7 +349,7 @@ def export(target: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | 
             log(f"q4_0: no calibration data ({source}); plain round-to-nearest q4_0")
     write_gguf(model, tokenizer, out, quant, name=name, progress=progress, importance=importance)
     if modelfile:
-        write_modelfile(out, tokenizer, prompt, home._tag)
+        write_modelfile(out, tokenizer, prompt, home.tag)
     return out
 
 
