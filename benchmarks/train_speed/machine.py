@@ -84,6 +84,10 @@ def microarchitecture(m: dict) -> tuple[str, int, str]:
     if vendor == "AuthenticAMD" and fam == 26:
         return ("Zen 5", 64, "Zen 5 (server cores) with full 512-bit datapath: 2 FMA pipes x 16 fp32 lanes x 2 = 64 "
                              "FLOPs/cycle/core; desktop/mobile parts execute AVX-512 as 2x256-bit (32)")
+    if vendor == "GenuineIntel" and flags.get("amx_bf16"):
+        return ("Intel Xeon with AMX (Sapphire Rapids or newer)", 64,
+                "2 AVX-512 FMA units: 2 x 16 fp32 lanes x 2 = 64 fp32 FLOPs/cycle/core; its AMX tiles multiply "
+                "bf16 and int8 (not fp32) many times faster, which the measured bf16 peak shows")
     if flags.get("avx512f"):
         return ("AVX-512", 64, "AVX-512 with 2 FMA units: 2 x 16 fp32 lanes x 2 = 64 FLOPs/cycle/core "
                                "(parts with one 512-bit FMA unit reach half)")
