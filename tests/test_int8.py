@@ -18,6 +18,7 @@ import medlora.training.int8 as int8_module
 import medlora.training.lighter as lighter_module
 from medlora.training.int8 import (Int8Embedding, Int8Head, Int8Linear, PackedInt8, frozen_int8_parameters,
                                    int8_available, parameter_counts, quantize_frozen_linears, quantize_rows)
+from medlora.training.dropout import LoraDropout
 from medlora.training.lighter import DropoutLoraA, _DropoutMatmul, _SwiGLUDownA, lighten_activations
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="this torch build has no oneDNN int8 linear")
@@ -201,7 +202,7 @@ def test_swiglu_down_a_matches_autograd(p, bf16, monkeypatch):
             h, a = _SwiGLUDownA.apply(*ins, p)
         else:
             h = nn.functional.silu(ins[0]) * ins[1]
-            a = nn.functional.linear(nn.functional.dropout(h, p, True), ins[2])
+            a = nn.functional.linear(LoraDropout(p)(h), ins[2])
         after = torch.rand(3)
         (h * g_h).sum().add((a * g_a).sum()).backward()
         results.append((h, a, *(t.grad for t in ins), after))
@@ -212,15 +213,15 @@ def test_swiglu_down_a_matches_autograd(p, bf16, monkeypatch):
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
 def test_dropout_lora_a_matches_peft_dropout_then_a(p):
-    """_DropoutMatmul draws nn.Dropout's mask (same random stream) and keeps it as bits: same output and
-    gradients as dropout followed by the linear, without saving the dropped copy."""
+    """_DropoutMatmul draws LoraDropout's mask (same random stream) and keeps it as bits: same output and
+    gradients as LoRA's dropout followed by the linear, without saving the dropped copy."""
     torch.manual_seed(0)
     x, w, g = torch.randn(3, 11, 24).double(), torch.randn(5, 24).double(), torch.randn(3, 11, 5).double()
     results = []
     for fused in (True, False):
         xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
         torch.manual_seed(2)
-        y = _DropoutMatmul.apply(xx, ww, p) if fused else nn.functional.linear(nn.functional.dropout(xx, p, True), ww)
+        y = _DropoutMatmul.apply(xx, ww, p) if fused else nn.functional.linear(LoraDropout(p)(xx), ww)
         after = torch.rand(3)
         y.backward(g)
         results.append((y, xx.grad, ww.grad, after))

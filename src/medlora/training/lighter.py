@@ -1,5 +1,6 @@
-"""Lighter activations for `--precision int8`: the same arithmetic as PEFT's LoRA layers and a SwiGLU MLP over
-int8 base layers (training/int8.py), with fewer tensors kept for the backward pass and fewer temporaries.
+"""Lighter activations: the same arithmetic as PEFT's LoRA layers (every precision: :func:`add_lora_in_place`)
+and, for `--precision int8`, a SwiGLU MLP over int8 base layers (training/int8.py), with fewer tensors kept for
+the backward pass and fewer temporaries.
 
 Memory: the int8 weights take ~2.2 bytes per weight instead of 4 (the tied embedding and LM head 1 byte), and
 :func:`lighten_activations` keeps fewer activations and allocates fewer temporaries. Measured on the
@@ -23,15 +24,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from .dropout import keep_mask
 from .int8 import Int8Linear
 
 
 class _DropoutMatmul(torch.autograd.Function):
     """a = dropout(x) @ A^T (LoRA's A with its input dropout), saving x and the dropout mask as bits instead of the
     dropped fp32 copy of x and the fp32 dropout noise (x itself is kept anyway: q/k/v share it). The mask is drawn
-    as ``nn.Dropout`` draws it on a CPU (one bernoulli_ over the input's shape, the same random stream), so the
-    masks and results are those of PEFT's ``lora_A(dropout(x))``, up to float rounding (the 1/(1-p) factor is
-    applied to the rank-r side)."""
+    as medlora's :class:`~.dropout.LoraDropout` draws it (the same random stream), so the masks and results are
+    those of PEFT's ``lora_A(dropout(x))``, up to float rounding (the 1/(1-p) factor is applied to the rank-r
+    side)."""
 
     @staticmethod
     def forward(ctx, x, weight, p):
@@ -60,8 +62,8 @@ def _keep_value(p: float, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _draw_mask(shape, p: float) -> torch.Tensor:
-    """nn.Dropout's keep mask on a CPU: the same single bernoulli_ draw (bool here, fp32 there: same values)."""
-    return torch.empty(shape, dtype=torch.bool).bernoulli_(1 - p)
+    """The keep mask LoraDropout draws (training/dropout.py): the same random stream as the unfused path."""
+    return keep_mask(shape, p)
 
 
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -146,9 +148,10 @@ class _SwiGLUDownA(torch.autograd.Function):
 
 
 def _plain_lora_adapter(layer) -> str | None:
-    """The adapter name when ``layer`` (a PEFT LoRA Linear over an Int8Linear) runs exactly one vanilla LoRA
-    adapter right now (not merged, not disabled, no DoRA or other variant), else None."""
-    if not isinstance(getattr(layer, "base_layer", None), Int8Linear) or layer.disable_adapters or layer.merged:
+    """The adapter name when ``layer`` (a PEFT LoRA Linear over an nn.Linear or an Int8Linear) runs exactly one
+    vanilla LoRA adapter right now (not merged, not disabled, no DoRA or other variant), else None."""
+    if (type(getattr(layer, "base_layer", None)) not in (nn.Linear, Int8Linear) or layer.disable_adapters
+            or layer.merged):
         return None
     names = [n for n in layer.active_adapters if n in layer.lora_A]
     if len(names) != 1 or names[0] in getattr(layer, "lora_variant", {}):
@@ -160,8 +163,10 @@ def _plain_lora_adapter(layer) -> str | None:
 
 def _add_lora_product(out: torch.Tensor, a: torch.Tensor, lora_b: nn.Linear, scaling: float) -> torch.Tensor:
     """out += scaling * a @ B^T in place (one ``addmm_``), instead of PEFT's ``out + lora_B(a) * scaling``, which
-    allocates three more tensors of the output's size (B's output, its scaled copy, the sum)."""
-    out.view(-1, out.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), lora_b.weight.t(), alpha=scaling)
+    allocates three more tensors of the output's size (B's output, its scaled copy, the sum). Under bf16 autocast
+    the product runs in bf16, as PEFT's does there."""
+    b = lora_b.weight.t()
+    out.view(-1, out.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]).to(out.dtype), b.to(out.dtype), alpha=scaling)
     return out
 
 
@@ -179,16 +184,37 @@ def _light_swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _light_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A PEFT LoRA Linear over an Int8Linear while training: the LoRA product is added into the base layer's
-    output in place (:func:`_add_lora_product`). Anything else (evaluation, several adapters, a variant, extra
+    """A PEFT LoRA Linear while training: the LoRA product is added into the base layer's output in place
+    (:func:`_add_lora_product`). Under autocast, x goes to LoRA's dropout and A as it is: PEFT first casts it to
+    A's fp32 (a copy of the input, and the dropout then runs in fp32), and autocast casts it back to bf16 for A
+    (another copy); the product is the same. Anything else (evaluation, several adapters, a variant, extra
     arguments) takes PEFT's own forward."""
     training = self.training and torch.is_grad_enabled() and not args and not kwargs
     name = _plain_lora_adapter(self) if training else None
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     out = self.base_layer(x)  # first, as in PEFT
-    a = self.lora_A[name](self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype)))
-    return _add_lora_product(out, a, self.lora_B[name], self.scaling[name])
+    lora_a = self.lora_A[name]
+    if not torch.is_autocast_enabled(x.device.type):
+        x = x.to(lora_a.weight.dtype)
+    return _add_lora_product(out, lora_a(self.lora_dropout[name](x)), self.lora_B[name], self.scaling[name])
+
+
+def add_lora_in_place(model) -> int:
+    """Every PEFT LoRA Linear of ``model`` adds its LoRA product into the base output in place while training
+    (:func:`_light_lora_forward`), whatever the base layer's precision; returns how many layers changed.
+    Measured on the Qwen2.5-1.5B architecture in bf16 (Intel Xeon with AMX, 2 cores, train_speed benchmark),
+    together with LoraDropout's cheaper mask (training/dropout.py): 41.5 -> 62-70 tokens/s, peak RSS 6.4 ->
+    5.4 GB. The profile before showed PEFT's LoRA sum, its scaling and the dtype round trips of LoRA's input
+    (output- and input-sized copies per projection) at ~20% of a step, the dropout draws at ~14%."""
+    changed = 0
+    for module in model.modules():
+        if (isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict)
+                and type(getattr(module, "base_layer", None)) in (nn.Linear, Int8Linear)
+                and "forward" not in module.__dict__):
+            module.forward = types.MethodType(_light_lora_forward, module)
+            changed += 1
+    return changed
 
 
 def _is_silu(module) -> bool:
@@ -212,14 +238,12 @@ def lighten_activations(model) -> dict:
         if isinstance(getattr(module, "base_layer", None), Int8Linear) and isinstance(drops, nn.ModuleDict):
             for name, drop in list(drops.items()):
                 a = module.lora_A[name] if name in module.lora_A else None
-                if (type(drop) is nn.Dropout and drop.p > 0 and type(a) is nn.Linear and a.bias is None
+                if (isinstance(drop, nn.Dropout) and drop.p > 0 and type(a) is nn.Linear and a.bias is None
                         and name not in getattr(module, "lora_variant", {})):
                     module.lora_A[name] = DropoutLoraA(a, drop.p)
                     drops[name] = nn.Identity()
                     lora_a += 1
-            if "forward" not in module.__dict__:
-                module.forward = types.MethodType(_light_lora_forward, module)
-                lora_sum += 1
+            lora_sum += add_lora_in_place(module)
         if (all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
                 and _is_silu(getattr(module, "act_fn", None))
                 and isinstance(getattr(module.down_proj, "base_layer", None), Int8Linear)

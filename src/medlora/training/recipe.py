@@ -32,9 +32,10 @@ from ..files import file_sha256
 from ..rundir import RunDir, check_output_location, claim_output_dir
 from . import distributed
 from .callbacks import CheckpointGuard, FiniteLoss, Interrupt, SampleProgress
+from .dropout import use_lora_dropout
 from .inputs import read_data
 from .int8 import parameter_counts, quantize_frozen_linears
-from .lighter import lighten_activations
+from .lighter import add_lora_in_place, lighten_activations
 from .losses import accepts_logits_to_keep
 from .trainer import build_trainer
 
@@ -151,9 +152,11 @@ def apply_lora(cfg: TrainConfig, model):
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       bias="none", task_type="CAUSAL_LM", target_modules=targets)
     try:
-        return get_peft_model(model, lora), list(targets)
+        peft_model = get_peft_model(model, lora)
     except ValueError as e:
         raise MedloraError(f"LoRA setup failed for target_modules={targets}: {str(e).splitlines()[0]}") from None
+    use_lora_dropout(peft_model)  # the same dropout, its mask drawn with a fraction of the random numbers
+    return peft_model, list(targets)
 
 
 def prepare_model(cfg: TrainConfig, model, precision: str) -> tuple:
@@ -167,6 +170,8 @@ def prepare_model(cfg: TrainConfig, model, precision: str) -> tuple:
         quantize_frozen_linears(model)
         model.float()  # what stays a parameter (norms, biases, LoRA) in fp32, whatever dtype the weights were stored in
         lighten_activations(model)  # same arithmetic, fewer saved activations (lighter.py)
+    else:
+        add_lora_in_place(model)  # LoRA's product added into the base output in place (lighter.py)
     release_freed_memory()  # what loading and converting freed (jemalloc keeps freed pages otherwise)
     checkpointing, why = resolve_checkpointing(cfg.gradient_checkpointing, model.config, cfg.max_seq_len,
                                                cfg.per_device_train_batch_size, precision)
