@@ -134,8 +134,9 @@ class SpeedPlan:
 def resolve_precision(requested: str) -> str:
     """'bf16', 'fp32' or 'int8' for this run. auto: bf16 only where the CPU multiplies bf16 natively, else the
     specification's fp32; int8 (frozen base weights in int8, training/int8.py) only when asked for: it is faster
-    and lighter and met issue 14's quality criterion on MedQuAD (eval loss +0.32% over fp32's, its adapter on
-    the fp32 base +0.20%; criterion 1%), but it quantises the base model, a trade the user makes knowingly."""
+    and lighter and met issue 14's quality criterion on MedQuAD (eval loss within 0.4% of fp32's, its adapter on
+    the fp32 base within 0.3%; criterion 1%; benchmarks/results/int8_quality.md), but it quantises the base
+    model, a trade the user makes knowingly."""
     if requested == "auto":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if requested == "bf16" and not cpu_has_native_bf16():
@@ -153,8 +154,8 @@ def precision_reason(requested: str, resolved: str) -> str:
         return "auto: this CPU has native bf16 (avx512_bf16/amx_bf16)"
     vnni = ", ".join(f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags) or "no VNNI/AMX"
     return ("auto: no native bf16 on this CPU, so the specification's fp32; --precision int8 (int8 frozen base "
-            f"weights, int8 kernels: {vnni}) is opt-in: faster and about half the memory, with an eval loss 0.32% "
-            "above fp32's on MedQuAD (README: int8)")
+            f"weights, int8 kernels: {vnni}) is opt-in: faster and about half the memory, with an eval loss within "
+            "0.4% of fp32's on MedQuAD (README: int8)")
 
 
 # Values kept for the backward pass per token and decoder layer without gradient checkpointing, in units of
