@@ -44,21 +44,23 @@ def test_keep_mask_over_several_rounds_of_gaps(monkeypatch):
     check_bernoulli(keep_mask((400, 1000), 0.05), 0.05)
 
 
-def test_lora_dropout_computes_what_nn_dropout_computes():
+@pytest.mark.parametrize("p", [0.1, 0.5])  # dropped positions only / a bool mask
+def test_lora_dropout_computes_what_nn_dropout_computes(p):
     torch.manual_seed(0)
-    x = torch.randn(4, 30, 64, dtype=torch.float64, requires_grad=True)
-    drop = LoraDropout(0.1)
-    assert isinstance(drop, nn.Dropout) and drop.p == 0.1
+    x = torch.randn(4, 30, 64, dtype=torch.float64).transpose(1, 2).requires_grad_(True)  # not contiguous
+    drop = LoraDropout(p)
+    assert isinstance(drop, nn.Dropout) and drop.p == p
     torch.manual_seed(5)
     y = drop(x)
     torch.manual_seed(5)
-    kept = keep_mask(x.shape, 0.1)
-    assert torch.equal(y, torch.where(kept, x * (1 / 0.9), 0.0))  # kept elements scaled by 1/(1-p), the rest 0
+    kept = keep_mask(x.shape, p)  # the same draw, in the same (row-major) order
+    assert 0 < (~kept).sum() < kept.sum()
+    assert torch.equal(y, torch.where(kept, x * (1 / (1 - p)), 0.0))  # kept elements scaled by 1/(1-p), the rest 0
     grad = torch.randn_like(y)
     y.backward(grad)
-    assert torch.equal(x.grad, torch.where(kept, grad * (1 / 0.9), 0.0))
+    assert torch.equal(x.grad, torch.where(kept, grad * (1 / (1 - p)), 0.0))
     drop.eval()
-    assert drop(x) is x and LoraDropout(0.0)(x) is x
+    assert drop(x) is x and LoraDropout(0.0).train()(x) is x
 
 
 def test_every_lora_layer_of_a_medlora_model_uses_it(tiny_model_dir):
