@@ -90,8 +90,8 @@ class _Dropout(torch.autograd.Function):
 
 
 class LoraDropout(nn.Dropout):
-    """``nn.Dropout`` (same p, same train/eval behaviour, same place in PEFT's ``lora_dropout``) drawing its mask
-    with :func:`keep_mask`."""
+    """``nn.Dropout`` (same p, same train/eval behaviour, same place in PEFT's ``lora_dropout``) computed by
+    :class:`_Dropout`: the dropped elements are those :func:`keep_mask` would drop from the same random state."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:

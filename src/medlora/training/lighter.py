@@ -38,7 +38,7 @@ class _DropoutMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, p):
         keep = _keep_value(p, x.dtype)
-        mask = _draw_mask(x.shape, p)
+        mask = keep_mask(x.shape, p)  # LoraDropout's draw: the same random stream
         out = nn.functional.linear(torch.where(mask, x, 0.0), weight).mul_(keep)
         ctx.save_for_backward(x, weight, _pack_bits(mask), keep)
         return out
@@ -59,11 +59,6 @@ class _DropoutMatmul(torch.autograd.Function):
 def _keep_value(p: float, dtype: torch.dtype) -> torch.Tensor:
     """1 / (1 - p) as nn.Dropout computes it on a CPU (a division in the activations' dtype)."""
     return torch.ones((), dtype=dtype).div_(1 - p)
-
-
-def _draw_mask(shape, p: float) -> torch.Tensor:
-    """The keep mask LoraDropout draws (training/dropout.py): the same random stream as the unfused path."""
-    return keep_mask(shape, p)
 
 
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -112,7 +107,7 @@ class _SwiGLUDownA(torch.autograd.Function):
         keep = bits = None
         if p > 0:
             keep = _keep_value(p, h.dtype)
-            mask = _draw_mask(h.shape, p)
+            mask = keep_mask(h.shape, p)
             a = nn.functional.linear(torch.where(mask, h, 0.0), weight).mul_(keep)
             bits = _pack_bits(mask)
         else:
@@ -205,8 +200,9 @@ def add_lora_in_place(model) -> int:
     (:func:`_light_lora_forward`), whatever the base layer's precision; returns how many layers changed.
     Measured on the Qwen2.5-1.5B architecture in bf16 (Intel Xeon with AMX, 2 cores, train_speed benchmark),
     together with LoraDropout's cheaper mask (training/dropout.py): 41.5 -> 62-70 tokens/s, peak RSS 6.4 ->
-    5.4 GB (68-75 tokens/s once the dropout kept no mask). The profile before showed PEFT's LoRA sum, its scaling and the dtype round trips of LoRA's input
-    (output- and input-sized copies per projection) at ~20% of a step, the dropout draws at ~14%."""
+    5.4 GB (68-75 tokens/s once the dropout kept no mask). The profile before showed PEFT's LoRA sum, its
+    scaling and the dtype round trips of LoRA's input (output- and input-sized copies per projection) at ~20% of
+    a step, the dropout draws at ~14%."""
     changed = 0
     for module in model.modules():
         if (isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict)
@@ -228,11 +224,11 @@ def lighten_activations(model) -> dict:
     - each LoRA A with input dropout becomes a :class:`DropoutLoraA` (no dropped fp32 copy and noise per
       projection);
     - each SwiGLU MLP (gate/up/down over an Int8Linear, SiLU) runs :class:`_SwiGLUDownA` while training;
-    - each LoRA layer over an Int8Linear adds its product into the base output in place while training
-      (:func:`_light_lora_forward`).
+    - each LoRA layer adds its product into the base output in place while training (:func:`add_lora_in_place`,
+      which the other precisions run too).
 
     Returns how many LoRA A, MLP and LoRA layer forwards changed."""
-    lora_a = mlps = lora_sum = 0
+    lora_a = mlps = 0
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)
         if isinstance(getattr(module, "base_layer", None), Int8Linear) and isinstance(drops, nn.ModuleDict):
@@ -243,11 +239,10 @@ def lighten_activations(model) -> dict:
                     module.lora_A[name] = DropoutLoraA(a, drop.p)
                     drops[name] = nn.Identity()
                     lora_a += 1
-            lora_sum += add_lora_in_place(module)
         if (all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
                 and _is_silu(getattr(module, "act_fn", None))
                 and isinstance(getattr(module.down_proj, "base_layer", None), Int8Linear)
                 and "forward" not in module.__dict__):
             module.forward = types.MethodType(_light_swiglu_forward, module)
             mlps += 1
-    return {"lora_a": lora_a, "mlp": mlps, "lora_sum": lora_sum}
+    return {"lora_a": lora_a, "mlp": mlps, "lora_sum": add_lora_in_place(model)}
