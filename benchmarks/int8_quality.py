@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -57,9 +58,7 @@ def main(argv=None) -> int:
     metrics, on_fp32_base, seconds = {}, {}, {}
     for precision in ("fp32", "int8"):
         out = Path(args.workdir) / precision
-        if out.exists():
-            import shutil
-            shutil.rmtree(out)
+        shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
         if medlora(["train", *train, "--output_dir", str(out), "--precision", precision]) != 0:
             sys.exit(f"the {precision} run failed")
@@ -97,8 +96,9 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "int8_quality.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# int8 training quality on MedQuAD\n", f"{result['date']} · `{result['command']}`\n",
-             f"CPU: {result['cpu']['model']} (flags: {', '.join(result['cpu']['flags'])})\n", f"int8 weights: {bits} bits; Hadamard rotation blocks up to "
-             f"{int8._ROTATION} (1: none). {result['protocol']}.\n",
+             f"CPU: {result['cpu']['model']} (flags: {', '.join(result['cpu']['flags'])})\n",
+             f"int8 weights: {bits} bits; Hadamard rotation blocks up to {int8._ROTATION} (1: none). "
+             f"{result['protocol']}.\n",
              "| | fp32 | int8 | int8 vs fp32 |", "|---|---:|---:|---:|"]
     for key, name in (("eval_loss", "eval loss after training"), ("untrained_eval_loss", "eval loss untrained"),
                       ("adapter_on_fp32_base", "adapter on the fp32 base")):

@@ -242,7 +242,7 @@ def build_report(args, command, started, finished, machine, versions, peaks, dat
                                                                    int(data_summary["tokens_per_row_mean"])),
         "results": {n: {k: v for k, v in r.items() if k not in ("steps",)} | {"steps": r.get("steps")}
                     for n, r in results.items()},
-        "ratios": ratios, "goals": goals_of(results, ratios, args, machine), "notes": notes_of(args, machine, peaks, results,
-                                                                                      shipped_error),
+        "ratios": ratios, "goals": goals_of(results, ratios, args, machine),
+        "notes": notes_of(args, machine, peaks, results, shipped_error),
         "total_wall_s": round((finished - started).total_seconds(), 1),
     }

@@ -147,8 +147,8 @@ def quantize_weight_rows(weight: torch.Tensor, weight_max: int, block: int = 1) 
     q = torch.empty(weight.shape, dtype=torch.int8)
     scale = torch.empty(weight.shape[0])
     for start in range(0, weight.shape[0], _QUANTIZE_ROWS):
-        block_rows = weight[start:start + _QUANTIZE_ROWS].to(torch.float32, copy=True)  # never the caller's tensor
-        block_rows = rotate(block_rows.contiguous(), block) if block > 1 else block_rows
+        # a copy either way (never the caller's tensor): the float32 conversion, or the rotation's product
+        block_rows = rotate(weight[start:start + _QUANTIZE_ROWS].to(torch.float32, copy=True), block)
         s = (block_rows.abs().amax(dim=1) / weight_max).clamp_(min=_TINY)
         q[start:start + _QUANTIZE_ROWS] = block_rows.div_(s[:, None]).round_().clamp_(-weight_max, weight_max)
         scale[start:start + _QUANTIZE_ROWS] = s
