@@ -229,6 +229,47 @@ def test_dropout_lora_a_matches_peft_dropout_then_a(p):
         assert rel(mine.detach(), ref.detach()) < 1e-12
 
 
+def test_rms_norm_keeping_its_output_matches_transformers():
+    """_RMSNormSavingOutput (what lighten_activations gives the decoder's RMSNorms): the same output bits as
+    transformers' RMSNorm and the same input gradient, keeping its output (which the LoRA A after it keeps
+    anyway) instead of its input; norms it cannot stand in for keep their own forward."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(48, eps=1e-6).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48))  # signs and sizes of a trained norm
+    x = torch.randn(2, 7, 48) * 4
+    x[0, 3] = 0.0  # a zero row: the eps keeps it finite
+    grad = torch.randn(2, 7, 48)
+    results = []
+    for light in (False, True):
+        xx = x.clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = lighter_module._RMSNormSavingOutput.apply(xx, norm.weight, 1e-6) if light else norm(xx)
+        y.backward(grad)
+        results.append((y.detach(), xx.grad, {t.untyped_storage().data_ptr() for t in saved}))
+    (y0, g0, kept0), (y1, g1, kept1) = results
+    assert torch.equal(y1, y0) and rel(g1, g0) < 1e-5
+    assert x.untyped_storage().data_ptr() not in kept1  # the input is not kept ...
+    assert y1.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    assert lighter_module._is_plain_rms_norm(norm)
+    norm.train()
+    with torch.no_grad():  # the patched module: its own forward outside training
+        assert torch.equal(lighter_module._light_rms_norm_forward(norm, x), y0)
+
+    class GemmaLikeRMSNorm(LlamaRMSNorm):  # y = (1 + w) * x_hat: not the formula above
+        def forward(self, hidden):
+            return super().forward(hidden) + hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    assert not lighter_module._is_plain_rms_norm(GemmaLikeRMSNorm(48).requires_grad_(False))
+    zero = LlamaRMSNorm(48).requires_grad_(False)
+    zero.weight.data[5] = 0.0  # the backward pass divides by w
+    trained = LlamaRMSNorm(48)  # a trained norm needs its weight's gradient
+    assert not lighter_module._is_plain_rms_norm(zero) and not lighter_module._is_plain_rms_norm(trained)
+
+
 def saved_bytes(model, batch) -> tuple[float, int]:
     """(loss, bytes of the distinct tensors autograd keeps for the decoder layers' backward pass) of one training
     forward (the logits and the loss's tensors, vocabulary-wide, are left out)."""
@@ -338,13 +379,14 @@ def test_int8_training_matches_fp32_on_the_bundled_model(sample_csv, tmp_path):
 
 def test_lighter_activations_same_training_step_less_memory(tiny_model_dir):
     """lighten_activations (what --precision int8 runs: LoRA A with its dropout folded in, the SwiGLU MLP through
-    _SwiGLUDownA) on an int8 PEFT model with LoRA dropout: same loss, gradients, random stream and adapter state
+    _SwiGLUDownA, RMSNorms keeping their output) on an int8 PEFT model with LoRA dropout: same loss, gradients, random stream and adapter state
     dict as the unchanged int8 model, an unchanged eval forward, and fewer saved activations."""
     from peft.utils import get_peft_model_state_dict
 
     plain, light = peft_model(tiny_model_dir, True, 0.1), peft_model(tiny_model_dir, True, 0.1)
-    assert lighten_activations(light) == {"lora_a": 14, "mlp": 2, "lora_sum": 14}
-    assert lighten_activations(light) == {"lora_a": 0, "mlp": 0, "lora_sum": 0}  # once only
+    # the norms: 2 per decoder layer and the final one
+    assert lighten_activations(light) == {"lora_a": 14, "mlp": 2, "norms": 5, "lora_sum": 14}
+    assert lighten_activations(light) == {"lora_a": 0, "mlp": 0, "norms": 0, "lora_sum": 0}  # once only
     layer = light.base_model.model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj.lora_A["default"], DropoutLoraA)
     assert isinstance(layer.self_attn.q_proj.lora_dropout["default"], nn.Identity)

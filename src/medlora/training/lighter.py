@@ -142,6 +142,60 @@ class _SwiGLUDownA(torch.autograd.Function):
         return grad_gate, grad_up, grad_w, None
 
 
+class _RMSNormSavingOutput(torch.autograd.Function):
+    """y = w * x * rsqrt(mean(x^2) + eps): an RMSNorm with a frozen weight w, with the arithmetic of transformers'
+    Llama/Qwen2 RMSNorm (the same fp32 operations in the same order, so the same bits), keeping its output y
+    and the per-token rsqrt for the backward pass instead of its input x. y is kept anyway: the LoRA A
+    projections it feeds (:class:`DropoutLoraA`, one y shared by q/k/v, another by gate/up) save it, and the
+    backward pass recovers x * rsqrt = y / w. The input x is a residual-stream tensor that nothing else keeps,
+    so two tokens x hidden fp32 tensors per decoder layer are freed: 141 MB of a 411-token step of the
+    Qwen2.5-1.5B architecture (saved activations 890 -> 749 MB)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = _rms_norm(x, weight, eps)
+        ctx.save_for_backward(y, rstd, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, rstd, weight = ctx.saved_tensors
+        normed, scaled = y / weight, grad * weight  # x * rsqrt, and the gradient at it
+        # d/dx of x * rsqrt(mean(x^2) + eps): rsqrt * (g - x_hat * mean(g * x_hat)), with x_hat = x * rsqrt
+        return scaled.sub_(normed * (scaled * normed).mean(-1, keepdim=True)).mul_(rstd), None, None
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x * rstd), rstd
+
+
+def _light_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm through :class:`_RMSNormSavingOutput` while training on fp32 input; its own forward otherwise."""
+    if self.training and torch.is_grad_enabled() and x.dtype == torch.float32 and x.requires_grad:
+        return _RMSNormSavingOutput.apply(x, self.weight, _norm_eps(self))
+    return type(self).forward(self, x)
+
+
+def _norm_eps(module) -> float | None:
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return eps if isinstance(eps, float) else None
+
+
+def _is_plain_rms_norm(module) -> bool:
+    """A frozen fp32 RMSNorm whose forward is y = w * x * rsqrt(mean(x^2) + eps), bit for bit (checked on a
+    random input, so variants such as Gemma's (1 + w) keep their own forward), with no zero in w (the backward
+    pass divides by it)."""
+    weight, eps = getattr(module, "weight", None), _norm_eps(module)
+    if (not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, nn.Parameter) or eps is None
+            or weight.dim() != 1 or weight.dtype != torch.float32 or weight.requires_grad
+            or not bool((weight != 0).all())):
+        return False
+    x = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        return torch.equal(module(x), _rms_norm(x, weight, eps)[0])
+
+
 def _plain_lora_adapter(layer) -> str | None:
     """The adapter name when ``layer`` (a PEFT LoRA Linear over an nn.Linear or an Int8Linear) runs exactly one
     vanilla LoRA adapter right now (not merged, not disabled, no DoRA or other variant), else None."""
@@ -224,11 +278,13 @@ def lighten_activations(model) -> dict:
     - each LoRA A with input dropout becomes a :class:`DropoutLoraA` (no dropped fp32 copy and noise per
       projection);
     - each SwiGLU MLP (gate/up/down over an Int8Linear, SiLU) runs :class:`_SwiGLUDownA` while training;
+    - each RMSNorm keeps its output instead of its input (:class:`_RMSNormSavingOutput`): the LoRA A projections
+      after it keep that output anyway;
     - each LoRA layer adds its product into the base output in place while training (:func:`add_lora_in_place`,
       which the other precisions run too).
 
-    Returns how many LoRA A, MLP and LoRA layer forwards changed."""
-    lora_a = mlps = 0
+    Returns how many LoRA A, MLP, RMSNorm and LoRA layer forwards changed."""
+    lora_a = mlps = norms = 0
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)
         if isinstance(getattr(module, "base_layer", None), Int8Linear) and isinstance(drops, nn.ModuleDict):
@@ -245,4 +301,7 @@ def lighten_activations(model) -> dict:
                 and "forward" not in module.__dict__):
             module.forward = types.MethodType(_light_swiglu_forward, module)
             mlps += 1
-    return {"lora_a": lora_a, "mlp": mlps, "lora_sum": add_lora_in_place(model)}
+        if "forward" not in module.__dict__ and _is_plain_rms_norm(module):
+            module.forward = types.MethodType(_light_rms_norm_forward, module)
+            norms += 1
+    return {"lora_a": lora_a, "mlp": mlps, "norms": norms, "lora_sum": add_lora_in_place(model)}
