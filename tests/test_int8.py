@@ -185,30 +185,54 @@ def test_the_hadamard_rotation_is_exact_and_spreads_outlier_channels(weight_max)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_swiglu_down_a_matches_autograd(p, bf16, monkeypatch):
+@pytest.mark.parametrize("kept", ["fp32", "bf16", "int8"])
+def test_swiglu_down_a_matches_autograd(p, kept, monkeypatch):
     """_SwiGLUDownA (silu(gate) * up and the dropped-out LoRA A projection of it, saving gate and up only)
     against autograd on the plain expression with the same dropout draw: outputs, all three gradients, and the
-    random stream after it. fp64, so that only bf16 saving (if on) differs."""
-    monkeypatch.setattr(lighter_module, "SAVE_MLP_INPUTS_BF16", bf16)
+    random stream after it. fp64, so that only the rounding of the kept gate and up (bf16, or int8 in groups of
+    64 values, as --precision int8 keeps them) differs."""
+    monkeypatch.setattr(lighter_module, "SAVE_MLP_INPUTS", kept)
     torch.manual_seed(0)
-    gate, up, a_w = torch.randn(2, 9, 40).double(), torch.randn(2, 9, 40).double(), torch.randn(4, 40).double()
-    g_h, g_a = torch.randn(2, 9, 40).double(), torch.randn(2, 9, 4).double()
+    gate, up, a_w = torch.randn(2, 9, 128).double(), torch.randn(2, 9, 128).double(), torch.randn(4, 128).double()
+    g_h, g_a = torch.randn(2, 9, 128).double(), torch.randn(2, 9, 4).double()
     results = []
     for fused in (True, False):
         ins = [t.clone().requires_grad_(True) for t in (gate, up, a_w)]
         torch.manual_seed(1)
-        if fused:
-            h, a = _SwiGLUDownA.apply(*ins, p)
-        else:
-            h = nn.functional.silu(ins[0]) * ins[1]
-            a = nn.functional.linear(LoraDropout(p)(h), ins[2])
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            if fused:
+                h, a = _SwiGLUDownA.apply(*ins, p)
+            else:
+                h = nn.functional.silu(ins[0]) * ins[1]
+                a = nn.functional.linear(LoraDropout(p)(h), ins[2])
         after = torch.rand(3)
         (h * g_h).sum().add((a * g_a).sum()).backward()
         results.append((h, a, *(t.grad for t in ins), after))
-    tol = 1e-2 if bf16 else 1e-12
+        if fused:  # gate and up, as kept
+            assert [t.dtype for t in saved if t.shape == gate.shape or t.numel() == gate.numel()] == 2 * [
+                {"fp32": torch.float64, "bf16": torch.bfloat16, "int8": torch.int8}[kept]]
+    tol = {"fp32": 1e-12, "bf16": 5e-3, "int8": 1.5e-2}[kept]
     for mine, ref in zip(*results):
         assert mine.dtype == ref.dtype and rel(mine.detach(), ref.detach()) < tol
+
+
+def test_mlp_inputs_kept_in_int8_groups():
+    """int8 in groups of 64 values with one scale each: an outlier coarsens only its own group; a zero group stays
+    zero; a row length that is no multiple of 64 is kept in bf16."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 256)
+    x[1, 10] = 500.0
+    x[2, 64:128] = 0.0
+    values, scale = lighter_module._pack_mlp_input(x)
+    assert values.dtype == torch.int8 and scale.shape == (20, 1) and values.abs().max() == 127
+    back = lighter_module._unpack_mlp_input(values, scale, x.shape, torch.float32)
+    assert back.shape == x.shape and torch.equal(back[2, 64:128], x[2, 64:128])
+    error = (back - x).abs()
+    assert error[1, :64].max() <= 500 / 254 * 1.001  # the outlier's group: steps of 500/127
+    assert error[1, 64:].max() < 0.5 * error[1, :64].max() / 10 and rel(back[[0, 3, 4]], x[[0, 3, 4]]) < 0.01
+    odd = lighter_module._pack_mlp_input(torch.randn(3, 40))
+    assert odd[0].dtype == torch.bfloat16 and odd[1] is None
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])

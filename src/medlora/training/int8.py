@@ -4,7 +4,7 @@ The base weights never change during LoRA training, so they do not need fp32. Ev
 the decoder (the ``base_layer`` inside each PEFT LoRA layer, and any projection LoRA does not target) is
 replaced by an :class:`Int8Linear`: two int8 copies of the weight, W (out x in) for the forward pass and W^T
 (in x out) for the input gradient of the backward pass, each with its own per-row (per-output-channel) fp32
-scales and prepacked for oneDNN. Together they take ~2.2 bytes per weight instead of fp32's 4, and the
+scales and prepacked for oneDNN. Together they take ~2 bytes per weight instead of fp32's 4, and the
 fp32 weights are released. Activations (and, in the backward pass, the incoming gradients) are quantised
 per token (per row) on the fly. The token embedding and the LM head (one matrix when tied, as in Qwen2.5) are
 held once as plain int8 rows (:class:`Int8Rows`) whose products run in fp32 on the unquantised activations.
@@ -51,8 +51,14 @@ loss over fp32's 8-bit weights +0.49% -> +0.32%, 7-bit +0.90% -> -0.18%; the unt
 +0.86% -> -0.01% and +0.63% -> -0.16%. Cost: one small fp32 matmul per product (2 x 64 FLOPs per element);
 the full-size training step on a Xeon with AMX was as fast as without it within the run-to-run spread.
 
-Memory: the int8 weights take ~2.2 bytes per weight instead of 4 (the tied embedding and LM head 1 byte);
-``training/lighter.py`` keeps fewer activations for the backward pass (measurements there).
+Memory: the int8 weights take ~2 bytes per weight instead of 4 (oneDNN's packed layout measured 1.00 byte a
+weight for each copy; the tied embedding and LM head 1 byte in all); ``training/lighter.py`` keeps fewer
+activations for the backward pass (measurements there). Why two copies: oneDNN multiplies by a packed matrix
+in one orientation only, and packing on the fly costs more than it saves. Measured for the seven projections
+of one Qwen2.5-1.5B layer at 400 tokens (2-core Zen 4): with AVX2 kernels (ONEDNN_MAX_CPU_ISA=AVX2, as on a
+Zen 3) packing took 14 ms against 126 ms for the forward products, but W^T must first be copied out of W
+(65 ms with the copy; packing a transposed view gives wrong products); with the VNNI kernels packing took
+190 ms against 63 ms for the products.
 
 Without VNNI (AVX2-only CPUs such as Zen 3), oneDNN multiplies uint8 x int8 with ``vpmaddubsw``, which adds
 pairs of products into int16 and saturates (255 x 127 x 2 > 32767; measured: a worst-case product came
