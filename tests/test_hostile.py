@@ -221,6 +221,32 @@ def test_truncated_adapter_is_one_line_in_every_command(command, tiny_run, tmp_p
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("command", [["chat", "-q", "hi", "--backend", "hf"], ["merge"]])
+def test_a_checkpoint_deleted_while_it_loads_is_one_line_naming_the_newest(command, tiny_run, tmp_path, capsys,
+                                                                          monkeypatch):
+    """A run that is training deletes its older checkpoints as it saves: one that chat or merge is loading at that
+    moment is one line naming the run's newest complete checkpoint, not a traceback about a missing file."""
+    import medlora.model as model_module
+    from medlora.rundir import RunDir
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    newest = RunDir(run).latest_complete_checkpoint()
+    older = Path(shutil.copytree(newest, run / "checkpoint-1"))
+    real_load = model_module.load_model
+
+    def load_while_rotating(*args, **kwargs):
+        shutil.rmtree(older)  # the trainer's rotation, between the tokenizer and the adapter
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "load_model", load_while_rotating)
+    assert main([command[0], str(older), *command[1:]]) == 2
+    err = message_lines(capsys.readouterr().err)
+    assert err == [f"medlora: error: {older}: this checkpoint was deleted while it loaded (a run that is training keeps "
+                   f"only its newest checkpoints and deletes older ones as it saves); its newest complete checkpoint "
+                   f"is {newest}"]
+    assert not (run / "merged_model-checkpoint-1").exists()
+
+
 def test_repl_survives_bytes_that_are_not_utf8(tiny_run):
     proc = subprocess.run([sys.executable, "-m", "medlora", "chat", str(tiny_run), "--max_new_tokens", "2"],
                           input=b"\xff\xfe\xfa broken\nhello\n/exit\n", capture_output=True, timeout=300)
