@@ -456,6 +456,46 @@ def test_running_out_of_memory_is_one_line_naming_the_checkpoint_and_the_way_on(
                        "--gradient_checkpointing on")
 
 
+def test_memory_running_out_mid_training_stops_with_one_line_and_the_resume_it_names_finishes(
+        sample_csv, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """End to end: at the 5th optimizer step of a 6-step run (checkpoints every 2), a real allocation failure from
+    torch's CPU allocator (a tensor no machine can hold, asked for inside the loss), as a training step would meet
+    it. One line naming the last complete checkpoint and the resume command with less memory; nothing newer is
+    left; that command, run as printed, finishes the run."""
+    import json
+
+    import torch
+
+    import medlora.training.trainer as trainer_module
+
+    real_loss, calls = trainer_module.answer_only_loss, []
+
+    def loss_that_runs_out(model, inputs, num_items_in_batch=None):
+        if model.training:
+            calls.append(1)
+            if len(calls) == 5:
+                torch.empty(2**50, dtype=torch.uint8)  # 1,126 TB: torch's own "can't allocate memory" error
+        return real_loss(model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(trainer_module, "answer_only_loss", loss_that_runs_out)
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(sample_csv), "--model", str(tiny_model_dir), "--output_dir", str(out),
+                 "--max_steps", "6", "--gradient_accumulation_steps", "1", "--save_steps", "2",
+                 "--max_eval_samples", "2"])
+    lines = message_lines(capsys.readouterr().err)
+    resume = f"medlora train --resume {out} --gradient_checkpointing on"
+    assert code == 2 and lines[-1] == ("medlora: error: out of memory (an allocation of 1125899.91 GB failed). "
+                                       f"Training stopped: the last complete checkpoint is checkpoint-4; resume "
+                                       f"with less memory: {resume}")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (out / "metrics.json").exists()
+    monkeypatch.setattr(trainer_module, "answer_only_loss", real_loss)
+    assert main(resume.split()[1:]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == 6 and metrics["resumed_from"] == "checkpoint-4"
+    assert json.loads((out / "run_info.json").read_text())["gradient_checkpointing"] is True
+
+
 def test_a_loss_curve_that_cannot_be_drawn_is_a_warning(tmp_path, capsys):
     """The picture comes last, after hours of training: failing to draw it (here: its folder is gone) must not fail
     the run, and leaves no temporary file."""
