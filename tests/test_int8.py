@@ -444,6 +444,38 @@ def test_lighter_activations_same_training_step_less_memory(tiny_model_dir):
 
 
 
+def test_int8_step_is_the_same_with_gradient_checkpointing(tiny_model_dir):
+    """`--gradient_checkpointing auto` turns checkpointing on where RAM is short, which is where int8 is chosen:
+    recomputing the lighter int8 layers (LoRA dropout draws, SwiGLU, RMSNorms, int8 products) in the backward
+    pass gives the same loss, the same gradients and the same random stream as keeping their activations."""
+    from medlora.config import TrainConfig
+    from medlora.model import load_model
+    from medlora.training.recipe import prepare_model
+
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, _, _ = prepare_model(TrainConfig(lora_dropout=0.1, precision="int8"),
+                                    load_model(str(tiny_model_dir), False), "int8")
+        for name, param in model.named_parameters():  # a non-zero B, so that every path carries a gradient
+            if "lora_B" in name:
+                torch.manual_seed(len(name))
+                nn.init.normal_(param, std=0.05)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        torch.manual_seed(4)
+        batch = torch.randint(0, 1000, (1, 40))
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+                        torch.rand(3)))
+    (loss0, grads0, rng0), (loss1, grads1, rng1) = results
+    assert loss0 == loss1 and torch.equal(rng0, rng1) and grads0.keys() == grads1.keys()
+    assert all(torch.equal(grads0[n], grads1[n]) for n in grads0)
+
+
 def test_int8_build_loads_bf16_checkpoints_as_stored_and_trains_in_fp32(tiny_model_dir, tmp_path, monkeypatch):
     """A checkpoint stored in bf16 (as Qwen2.5's is) is loaded in bf16 for --precision int8, which quantises it
     anyway (the build peaks near the bf16 model's size, not the fp32 one's); what stays a parameter is fp32."""
