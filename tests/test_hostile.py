@@ -241,9 +241,9 @@ def test_a_checkpoint_deleted_while_it_loads_is_one_line_naming_the_newest(comma
     monkeypatch.setattr(model_module, "load_model", load_while_rotating)
     assert main([command[0], str(older), *command[1:]]) == 2
     err = message_lines(capsys.readouterr().err)
-    assert err == [f"medlora: error: {older}: this checkpoint was deleted while it loaded (a run that is training keeps "
-                   f"only its newest checkpoints and deletes older ones as it saves); its newest complete checkpoint "
-                   f"is {newest}"]
+    assert err == [f"medlora: error: {older}: this checkpoint was deleted while it loaded (a run that is training "
+                   f"keeps only its newest checkpoints and deletes older ones as it saves); its newest complete "
+                   f"checkpoint is {newest}"]
     assert not (run / "merged_model-checkpoint-1").exists()
 
 

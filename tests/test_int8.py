@@ -403,8 +403,9 @@ def test_int8_training_matches_fp32_on_the_bundled_model(sample_csv, tmp_path):
 
 def test_lighter_activations_same_training_step_less_memory(tiny_model_dir):
     """lighten_activations (what --precision int8 runs: LoRA A with its dropout folded in, the SwiGLU MLP through
-    _SwiGLUDownA, RMSNorms keeping their output) on an int8 PEFT model with LoRA dropout: same loss, gradients, random stream and adapter state
-    dict as the unchanged int8 model, an unchanged eval forward, and fewer saved activations."""
+    _SwiGLUDownA, RMSNorms keeping their output) on an int8 PEFT model with LoRA dropout: same loss, gradients,
+    random stream and adapter state dict as the unchanged int8 model, an unchanged eval forward, and fewer saved
+    activations."""
     from peft.utils import get_peft_model_state_dict
 
     plain, light = peft_model(tiny_model_dir, True, 0.1), peft_model(tiny_model_dir, True, 0.1)

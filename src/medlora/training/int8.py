@@ -46,10 +46,11 @@ Hadamard matrix (:func:`rotate`, blocks of up to 64 columns), which leaves the p
 few outlier channels of LLM activations over their block, so a per-token scale no longer spends its levels on
 them (QuaRot's idea, without folding the rotation into the model: the weights and LoRA stay in their own basis).
 On CPUs with VNNI/AMX (8-bit weights) the bundled-sample quality test failed without it (eval loss +1.57% over
-fp32's, criterion 1%) and passes with it (+0.30%). On MedQuAD (benchmarks/int8_quality.py, 10 steps, on that Xeon with AMX): eval
-loss over fp32's 8-bit weights +0.49% -> +0.32%, 7-bit +0.90% -> -0.18%; the untrained forward pass alone
-+0.86% -> -0.01% and +0.63% -> -0.16%. Cost: one small fp32 matmul per product (2 x 64 FLOPs per element);
-the full-size training step on a Xeon with AMX was as fast as without it within the run-to-run spread.
+fp32's, criterion 1%) and passes with it (+0.30%). On MedQuAD (benchmarks/int8_quality.py, 10 steps, on that
+Xeon with AMX): eval loss over fp32's 8-bit weights +0.49% -> +0.32%, 7-bit +0.90% -> -0.18%; the untrained
+forward pass alone +0.86% -> -0.01% and +0.63% -> -0.16%. Cost: one small fp32 matmul per product (2 x 64
+FLOPs per element); the full-size training step on a Xeon with AMX was as fast as without it within the
+run-to-run spread.
 
 Memory: the int8 weights take ~2 bytes per weight instead of 4 (oneDNN's packed layout measured 1.00 byte a
 weight for each copy; the tied embedding and LM head 1 byte in all); ``training/lighter.py`` keeps fewer
