@@ -437,7 +437,7 @@ def test_lighter_activations_same_training_step_less_memory(tiny_model_dir):
     assert grads0.keys() == grads1.keys() and all(g is not None for g in grads1.values())
     # int8 rounding of the backward pass turns float-rounding differences into occasional one-level flips
     assert all(rel(grads1[n], grads0[n]) < 0.05 for n in grads0)
-    assert saved1 < 0.6 * saved0
+    assert saved1 < 0.4 * saved0  # measured 0.37; 0.42 with gate and up kept in bf16, more with the norms' inputs
     for model in (plain, light):
         model.eval()
     with torch.no_grad():
