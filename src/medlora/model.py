@@ -231,20 +231,12 @@ def load_run_model(run, base: str | None = None, trust_remote_code: bool = False
         try:
             return PeftModel.from_pretrained(base_model, str(run.adapter_dir)), tokenizer, base_name
         except Exception as e:  # noqa: BLE001 - safetensors, JSON and shape errors: a damaged or foreign adapter
-            if checkpoint_gone(run):
+            if run.checkpoint_gone():
                 raise
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise MedloraError(f"{run.adapter_dir}: the adapter cannot be loaded onto {base_name} ({first}); the "
                                "folder may be damaged (an interrupted copy?) or made for another base model") from None
     except Exception:
-        if checkpoint_gone(run):  # whatever file it was reading when the folder went
-            newest = run.latest_complete_checkpoint(quiet=True)
-            instead = f"; its newest complete checkpoint is {newest}" if newest else ""
-            raise MedloraError(f"{run}: this checkpoint was deleted while it loaded (a run that is training keeps "
-                               f"only its newest checkpoints and deletes older ones as it saves){instead}") from None
+        if run.checkpoint_gone():  # whatever file it was reading when the folder went
+            raise run.checkpoint_deleted() from None
         raise
-
-
-def checkpoint_gone(run) -> bool:
-    """A run taken at a checkpoint (RUN/checkpoint-N) whose checkpoint is no longer there, or no longer whole."""
-    return run.checkpoint_used is not None and not run.has_adapter()

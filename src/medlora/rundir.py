@@ -230,6 +230,17 @@ class RunDir:
             raise run.not_a_run()
         return run
 
+    def checkpoint_gone(self) -> bool:
+        """Taken at a checkpoint (RUN/checkpoint-N) that is no longer there, or no longer whole."""
+        return self.checkpoint_used is not None and not self.has_adapter()
+
+    def checkpoint_deleted(self) -> MedloraError:
+        """The one line for a checkpoint deleted while it was being loaded (a training run's rotation)."""
+        newest = self.latest_complete_checkpoint(quiet=True)
+        instead = f"; its newest complete checkpoint is {newest}" if newest else ""
+        return MedloraError(f"{self}: this checkpoint was deleted while it loaded (a run that is training keeps only "
+                            f"its newest checkpoints and deletes older ones as it saves){instead}")
+
     def not_a_run(self, extra: str = "") -> MedloraError:
         """The one wording of "this folder is not a run" (``extra``: what else it is not), or of a run that has no
         adapter yet, or of a checkpoint that cannot be used."""

@@ -149,7 +149,8 @@ def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
 def quantize_weight_rows(weight: torch.Tensor, weight_max: int, block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 quantisation of a 2-D weight (any float dtype, any strides, W^T included), rotated
     first by :func:`rotate` with `block`: (q, scale) with rotate(weight) ~ scale[:, None] * q, q a contiguous
-    row-major int8 tensor in [-weight_max, weight_max]."""
+    row-major int8 tensor in [-weight_max, weight_max]. lighter.py keeps the MLP's gate and up with it too,
+    in rows of 64 values."""
     weight = weight.detach()
     q = torch.empty(weight.shape, dtype=torch.int8)
     scale = torch.empty(weight.shape[0])
