@@ -310,6 +310,15 @@ def saved_bytes(model, batch) -> tuple[float, int]:
     return out.loss, sum(n for ptr, n in storages.items() if ptr not in params)
 
 
+def nonzero_lora_b(model) -> None:
+    """LoRA B starts at zero; a seeded non-zero B (the same for the same parameter names) makes every path carry
+    a gradient."""
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.manual_seed(len(name))
+            nn.init.normal_(param, std=0.05)
+
+
 def peft_model(tiny_model_dir, int8: bool, dropout: float = 0.0):
     from medlora.config import TrainConfig
     from medlora.model import load_model
@@ -417,11 +426,8 @@ def test_lighter_activations_same_training_step_less_memory(tiny_model_dir):
     assert isinstance(layer.self_attn.q_proj.lora_dropout["default"], nn.Identity)
     assert get_peft_model_state_dict(plain).keys() == get_peft_model_state_dict(light).keys()
     assert plain.state_dict().keys() == light.state_dict().keys()
-    for model in (plain, light):  # a non-zero B, so that every path carries a gradient
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                torch.manual_seed(len(name))
-                nn.init.normal_(param, std=0.05)
+    for model in (plain, light):
+        nonzero_lora_b(model)
     torch.manual_seed(3)
     batch = torch.randint(0, 1000, (1, 40))
     results = []
@@ -458,10 +464,7 @@ def test_int8_step_is_the_same_with_gradient_checkpointing(tiny_model_dir):
         torch.manual_seed(0)
         model, _, _ = prepare_model(TrainConfig(lora_dropout=0.1, precision="int8"),
                                     load_model(str(tiny_model_dir), False), "int8")
-        for name, param in model.named_parameters():  # a non-zero B, so that every path carries a gradient
-            if "lora_B" in name:
-                torch.manual_seed(len(name))
-                nn.init.normal_(param, std=0.05)
+        nonzero_lora_b(model)
         if checkpointing:
             # as the Trainer switches it on (transformers 5 renamed gradient_checkpointing_enable)
             enable = getattr(model, "activation_checkpointing_enable", None)
