@@ -104,6 +104,8 @@ CASES = {
     "yaml_syntax": lambda c: ["train", "--config", c.write("s.yaml", "learning_rate: [1, 2\n")],
     "yaml_inf": lambda c: ["train", "--config", c.write("i.yaml", f"data: {c.csv}\nlearning_rate: .inf\n")],
     "yaml_missing": lambda c: ["train", "--config", str(c.root / "nope.yaml")],
+    "yaml_is_a_folder": lambda c: ["train", "--config", str(c.empty_dir)],
+    "yaml_is_a_device": lambda c: ["train", "--config", "/dev/null"],
     "yaml_binary": lambda c: ["train", "--config", c.write("b.yaml", b"\xff\xfe\x00\x01")],
     # CSV files
     "csv_missing": lambda c: ["train", "--data", str(c.root / "nope.csv")],
@@ -178,6 +180,13 @@ def test_hostile_input_is_one_line_exit_2_and_changes_nothing(case, tmp_path, ti
     assert len(lines) == 1 and lines[0].startswith("medlora: error: "), err[-2000:]
     assert "Traceback" not in err + out and len(lines[0]) < 600
     assert snapshot(tmp_path) == before, "the file system changed"
+
+
+def test_a_config_that_exists_but_is_no_file_is_not_called_missing(tmp_path, capsys):
+    for path, said in ((tmp_path / "nope.yaml", "config file not found"), (tmp_path, "not a file"),
+                       (Path("/dev/null"), "not a file")):
+        assert main(["train", "--config", str(path)]) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_there_are_at_least_40_cases():

@@ -198,12 +198,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
 
 def load_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise MedloraError(f"config file not found: {p}")
+    if not p.is_file():
+        raise MedloraError(f"{p}: not a file (--config takes a YAML file)")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise MedloraError(f"{p}: not a valid YAML file ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise MedloraError(f"{p}: cannot read it ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise MedloraError(f"{p}: expected a mapping of option: value")
     return data
