@@ -151,6 +151,8 @@ CASES = {
     "eval_zero_tokens": lambda c: ["eval", str(c.model_dir), "--max_new_tokens", "0"],
     "merge_missing": lambda c: ["merge", str(c.root / "nope")],
     "merge_not_a_run": lambda c: ["merge", str(c.model_dir)],
+    "merge_a_folder_inside_a_run": lambda c: ["merge", c.inside_run("adapter")],
+    "chat_a_folder_inside_a_run": lambda c: ["chat", c.inside_run("export"), "-q", "hi"],
 }
 
 
@@ -165,6 +167,16 @@ def _remote_code(self) -> str:
 
 
 Ctx.remote_code = _remote_code
+
+
+def _inside_run(self, name: str) -> str:
+    """A folder inside a run folder (RUN/adapter, RUN/export), given where the run is meant."""
+    inside = Path(self.run_folder(True)) / name
+    inside.mkdir()
+    return str(inside)
+
+
+Ctx.inside_run = _inside_run
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -187,6 +199,15 @@ def test_a_config_that_exists_but_is_no_file_is_not_called_missing(tmp_path, cap
                        (Path("/dev/null"), "not a file")):
         assert main(["train", "--config", str(path)]) == 2
         assert said in capsys.readouterr().err
+
+
+def test_a_folder_inside_a_run_names_the_run(tmp_path, tiny_model_dir, capsys):
+    for command in (["merge"], ["eval"], ["export"], ["train", "--resume"]):
+        (tmp_path / command[0]).mkdir()
+        inside = Ctx(tmp_path / command[0], tiny_model_dir).inside_run("adapter")
+        assert main([*command, inside]) == 2
+        run = str(Path(inside).parent)
+        assert f"{inside}: a folder inside the run folder {run}; give the run folder ({run})" in capsys.readouterr().err
 
 
 def test_there_are_at_least_40_cases():
