@@ -257,9 +257,10 @@ class RunDir:
                 state = "it stopped before its first checkpoint: start it again"
             use = f"; its newest complete checkpoint can be used meanwhile: give {last} instead of {self}"
             return MedloraError(f"{self}: this run has no adapter yet ({state}){use if last else ''}")
+        # RUN/adapter, RUN/export, RUN/eval/ ...: the user meant the run. ("." and "/" are their own parent, whose
+        # config.yaml, being their own, is absent here: the branch above takes a folder that has one.)
         parent = self.path.parent
-        if (self.path.resolve().parent != self.path.resolve() and (parent / CONFIG).is_file()
-                and (parent / RUN_INFO).is_file()):  # RUN/adapter, RUN/export, RUN/eval/ ...: the user meant the run
+        if (parent / CONFIG).is_file() and (parent / RUN_INFO).is_file():
             return MedloraError(f"{self.path}: a folder inside the run folder {parent}; give the run folder ({parent})")
         return MedloraError(f"{self.path}: not a medlora run folder (no {ADAPTER}/ with {CONFIG}){extra}")
 
