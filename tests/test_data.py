@@ -32,6 +32,9 @@ BAD_INPUTS = {
     "tab": ("qtype\tQuestion\tAnswer\ninformation\tWhat?\tThat.\n", "tab-separated"),
     "no_usable_rows": ("qtype,Question,Answer\ninformation,,x\nsymptoms,What?,  \n", "no usable rows"),
     "binary": (gzip.compress(GOOD.encode()), "not"),
+    "shifted_columns": ("qtype,Question,Answer\ninformation,What is it?,A thing.\ninformation,What is anemia?,"
+                        "Too few red cells.,https://medlineplus.gov/anemia.html\n",
+                        "line 3 has 4 fields but the header has 3; quote cells that contain a comma"),
     "latin1": ("qtype,Question,Answer\ninformation,What is caf\u00e9?,x\n".encode("latin-1"), "not UTF-8 text"),
 }
 
@@ -75,6 +78,19 @@ def test_forgiving_csv_features(tmp_path):
     assert df.loc[0, "Question"] == "What is it,\r\nreally?"
     assert df.loc[0, "Answer"].endswith('with "quotes".')
     assert df.loc[1, "qtype"] == "unknown"
+
+
+def test_spreadsheet_exports_load_as_their_rows(tmp_path):
+    """Files that spreadsheet programs write: trailing commas on every row (the cells end, the columns do not
+    shift), old Mac line ends (bare CR), and UTF-16 with a byte order mark (Excel's "Unicode Text")."""
+    rows = [["information", "What is it?", "A thing."], ["symptoms", "What are the signs?", "Pale skin, fatigue."]]
+    body = "".join(f'{q},{a},"{b}"' + "{end}" for q, a, b in rows)
+    cases = {"trailing.csv": ("qtype,Question,Answer\n" + body.replace("{end}", ",\n")).encode(),
+             "mac.csv": ("qtype,Question,Answer\r" + body.replace("{end}", "\r")).encode(),
+             "utf16.csv": ("qtype,Question,Answer\r\n" + body.replace("{end}", "\r\n")).encode("utf-16")}
+    for name, raw in cases.items():
+        df, report = load_qa_csv(write(tmp_path / name, raw))
+        assert df.values.tolist() == rows and report.rows_read == 2, name
 
 
 def test_sample_and_medquad_load(sample_csv, medquad_csv):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import json
 import os
 import random
@@ -77,9 +78,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    from .training.inputs import check_new_run_inputs, resume_config
+    from .training.inputs import check_new_run_inputs, resume_config, with_default_data
 
-    cfg = resume_config(args) if args.resume else build_config(args)
+    cfg = resume_config(args) if args.resume else with_default_data(build_config(args))
     if not args.resume:
         check_new_run_inputs(cfg)
     if args.from_command_line and cfg.precision == "int8":  # int8 runs go on, on jemalloc where the system has it
@@ -120,6 +121,10 @@ def cmd_data_check(args) -> int:
     tok = load_tokenizer(resolve_model(args.model))
     encoded = encode_frame(tok, df, args.system_prompt or DEFAULT_SYSTEM_PROMPT, args.max_seq_len,
                            progress=len(df) > 2000)
+    if not encoded.examples:  # what `train` would refuse, said here rather than an "OK" over empty statistics
+        raise MedloraError(f"{report.path}: no row fits max_seq_len {args.max_seq_len}: all {report.rows_kept} prompts "
+                           "(system prompt and question) are longer; train would refuse it. Give a larger "
+                           "--max_seq_len")
     stats = {
         "file": report.path,
         "rows_read": report.rows_read,
@@ -154,7 +159,8 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
                                               f"its {MERGED}/ or any HF model folder")
     p.add_argument("--model", help="base model (alone: chat with the base model; with RUN_DIR: override its base)")
     p.add_argument("--question", "-q", help="ask one question, print the answer and exit")
-    p.add_argument("--mode", choices=("greedy", "sample"), default="greedy")
+    p.add_argument("--mode", choices=("greedy", "sample"),
+                   help="greedy (the default) or sample (the default once --temperature or --top_p is given)")
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top_p", "--top-p", type=float)
@@ -204,6 +210,11 @@ def cmd_chat(args) -> int:
     if args.question is not None and not args.question.strip():
         raise MedloraError("--question is empty")
     check_emergency_number(args)
+    sampling_knobs = [f"--{k}" for k in ("temperature", "top_p") if getattr(args, k) is not None]
+    if args.mode == "greedy" and sampling_knobs:
+        raise MedloraError(f"{' and '.join(sampling_knobs)} shape sampling, and --mode greedy does not sample: drop "
+                           "one or the other")
+    args.mode = args.mode or ("sample" if sampling_knobs else "greedy")  # as serve: a temperature means sampling
     seed = args.seed
     if args.mode == "sample" and seed is None:  # a fresh seed, shown so the answer can be reproduced
         seed = random.SystemRandom().randrange(2**31)
@@ -273,13 +284,14 @@ def cmd_eval(args) -> int:
 def merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help=f"run folder, or one of its {CHECKPOINT_PREFIX}N/ (writes "
                                    f"{MERGED}-{CHECKPOINT_PREFIX}N/)")
+    p.add_argument("--trust_remote_code", action="store_true")
 
 
 def cmd_merge(args) -> int:
     from .export.merge import merge_run
     from .rundir import RunDir
 
-    print(merge_run(RunDir.open(args.run_dir)))
+    print(merge_run(RunDir.open(args.run_dir), trust_remote_code=args.trust_remote_code))
     return 0
 
 
@@ -418,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         elif reason := memory_failure(e):
             print(f"medlora: error: out of memory ({reason}); close other programs, or use a smaller model",
                   file=sys.stderr)
+        elif isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:  # any path a user gives, wherever it is used
+            name = str(e.filename or "")
+            shown = f"{name[:60]}...{name[-20:]}" if len(name) > 90 else name
+            print(f"medlora: error: {shown}: file name too long", file=sys.stderr)
         else:
             raise
         return leave(2, argv)

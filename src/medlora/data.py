@@ -5,8 +5,10 @@ The CSV is read and validated before any model is loaded, so bad input fails in 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,12 @@ class DataReport:
 
 
 def _decode(path: Path, raw: bytes) -> str:
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Excel's "Unicode Text" and some exports
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            raise MedloraError(f"{path}: not valid UTF-16 text despite its byte order mark; save the CSV as UTF-8") \
+                from None
     if b"\x00" in raw:
         raise MedloraError(f"{path}: not a text CSV file (contains NUL bytes; is it a spreadsheet or archive?)")
     try:
@@ -42,6 +50,24 @@ def _decode(path: Path, raw: bytes) -> str:
             f"{path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} on line {line}); "
             "save the CSV as UTF-8"
         ) from None
+
+
+def _check_field_counts(path: Path, text: str) -> None:
+    """Refuse a row with more non-empty fields than the header (an unquoted comma in a cell, or a column the
+    header lacks): pandas would silently shift or drop them. Trailing empty fields (spreadsheet exports often
+    end every row with a comma) are harmless and pass."""
+    body = text.lstrip()
+    skipped = text[: len(text) - len(body)].count("\n")  # blank lines above the header
+    reader = csv.reader(io.StringIO(body))
+    try:
+        width = len(next(reader, []))
+        for row in reader:
+            if len(row) > width and any(cell.strip() for cell in row[width:]):
+                raise MedloraError(
+                    f"{path}: line {reader.line_num + skipped} has {len(row)} fields but the header has {width}; "
+                    'quote cells that contain a comma ("like, this") or add the missing column names to the header')
+    except csv.Error:  # a stray carriage return in an unquoted cell, say: pandas reads those, and judges the rest
+        return
 
 
 def load_qa_csv(path: str | Path) -> tuple[pd.DataFrame, DataReport]:
@@ -56,6 +82,8 @@ def load_qa_csv(path: str | Path) -> tuple[pd.DataFrame, DataReport]:
     except OSError as e:
         raise MedloraError(f"{path}: cannot read file ({e.strerror})") from None
     text = _decode(path, raw)
+    if "\r" in text and "\n" not in text:  # old Mac / Excel "CSV (Macintosh)": bare CR line ends, which the csv
+        text = text.replace("\r", "\n")  # module refuses; other files' cells keep their own line breaks
     if not text.strip():
         raise MedloraError(f"{path}: file is empty")
     header = text.lstrip().splitlines()[0]
@@ -66,8 +94,14 @@ def load_qa_csv(path: str | Path) -> tuple[pd.DataFrame, DataReport]:
                     f"{path}: looks {name}-separated; medlora expects a comma-separated CSV "
                     f"with columns {', '.join(COLUMNS)}"
                 )
+    _check_field_counts(path, text)
     try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skip_blank_lines=True)
+        # index_col=False: without it, rows with one field more than the header make pandas take the first
+        # column as the index and shift every column by one (qtype <- Question, Question <- Answer).
+        with warnings.catch_warnings():  # trailing empty fields (checked above) only
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skip_blank_lines=True,
+                             index_col=False)
     except pd.errors.EmptyDataError:
         raise MedloraError(f"{path}: file is empty") from None
     except pd.errors.ParserError as e:
@@ -75,7 +109,10 @@ def load_qa_csv(path: str | Path) -> tuple[pd.DataFrame, DataReport]:
 
     # Forgive case and surrounding spaces in header names; keep extra columns out of the way. Two headers that
     # are the same name (pandas would quietly rename one "Question.1") are ambiguous: refuse them.
-    header_names = next(csv.reader(io.StringIO(text.lstrip())), [])
+    try:
+        header_names = next(csv.reader(io.StringIO(text.lstrip())), [])
+    except csv.Error:  # a bare carriage return in the header: pandas' names stand
+        header_names = [str(c) for c in df.columns]
     seen: dict[str, str] = {}
     for name in header_names:
         key = name.strip().lower()
@@ -87,8 +124,9 @@ def load_qa_csv(path: str | Path) -> tuple[pd.DataFrame, DataReport]:
     by_key = {str(c).strip().lower(): c for c in df.columns}
     missing = [c for c in COLUMNS if c.lower() not in by_key]
     if missing:
+        found = [" ".join(str(c).split()) or "''" for c in df.columns]  # one line, whatever the header holds
         raise MedloraError(
-            f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))[:200]}); "
+            f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(found)[:200]}); "
             f"expected {', '.join(COLUMNS)}"
         )
     df = df[[by_key[c.lower()] for c in COLUMNS]]

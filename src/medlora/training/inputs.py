@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..config import RESUMABLE_CHANGES, TrainConfig, build_config, load_yaml
 from ..data import load_qa_csv
-from ..errors import MedloraError
+from ..errors import MedloraError, log
 from ..model import resolve_model
 from ..rundir import RunDir, check_output_location
 
@@ -24,7 +24,10 @@ def resume_config(args):
     given = build_config(args)
     explicit = {f.name for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     explicit |= set(load_yaml(args.config)) if args.config else set()
-    explicit.discard("output_dir")  # the run folder is RUN_DIR
+    if getattr(args, "output_dir", None) is not None and Path(args.output_dir).resolve() != run.path.resolve():
+        raise MedloraError(f"--resume continues the run in its own folder {run.path}; --output_dir "
+                           f"{args.output_dir} cannot move it (drop --output_dir)")
+    explicit.discard("output_dir")  # the run folder is RUN_DIR (a YAML file's output_dir, e.g. RUN/config.yaml's)
     explicit.discard("nproc")  # how many processes continue the run is this session's choice (default 1)
     runtime = {k: getattr(given, k) for k in RESUMABLE_CHANGES if k in explicit}
     explicit -= set(runtime)
@@ -44,10 +47,22 @@ def resume_config(args):
     return replace(saved, max_steps=given.max_steps) if "max_steps" in explicit else saved
 
 
+DEFAULT_DATA = "Medical_QA_Dataset.csv"  # the specification's dataset file, where --data is not given
+
+
+def with_default_data(cfg):
+    """A new run without --data trains on the specification's Medical_QA_Dataset.csv in the current folder."""
+    if cfg.data is None and Path(DEFAULT_DATA).is_file():
+        log(f"--data not given: using {DEFAULT_DATA} in this folder")
+        return replace(cfg, data=DEFAULT_DATA)
+    return cfg
+
+
 def read_data(cfg) -> tuple:
     """load_qa_csv's result for cfg.data, or one line saying --data is missing."""
     if not cfg.data:
-        raise MedloraError("--data is required (a CSV with columns qtype, Question, Answer)")
+        raise MedloraError(f"--data is required (a CSV with columns qtype, Question, Answer; without it, medlora "
+                           f"looks for {DEFAULT_DATA} in the current folder, and there is none)")
     return load_qa_csv(cfg.data)
 
 
