@@ -15,7 +15,7 @@ gguf = pytest.importorskip("gguf")
 
 from medlora.cli import main  # noqa: E402
 from medlora.errors import MedloraError  # noqa: E402
-from medlora.export.gguf import export, write_gguf  # noqa: E402
+from medlora.export.gguf import export, gguf_system_prompt, write_gguf  # noqa: E402
 from medlora.inference.backend import preset  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "What are the symptoms of anemia?"}]
@@ -452,13 +452,17 @@ def test_cli_exports_a_run_with_its_adapter_merged(tiny_run, tiny_model_dir, cap
     assert main(["export", str(tiny_run), "--quant", "f16"]) == 0
     out = tiny_run / "export" / "tinyrun-f16.gguf"
     assert capsys.readouterr().out.strip() == str(out)
-    data = _read(out)[2]
+    meta, _, data = _read(out)
     base_v = load_file(tiny_model_dir / "model.safetensors")["model.layers.0.self_attn.v_proj.weight"]
     assert not data["blk.0.attn_v.weight"] == pytest.approx(base_v.half().numpy(), abs=1e-3)  # the LoRA is in
+    # the run's system prompt travels in the file: found without reading the vocabulary, and by the gguf reader
+    assert meta["medlora.system_prompt"] == "Test prompt." == gguf_system_prompt(out)
     modelfile = (tiny_run / "export" / "Modelfile").read_text()
-    assert modelfile.startswith("FROM ./tinyrun-f16.gguf\n")
+    assert modelfile.startswith("# written by medlora export") and "\nFROM ./tinyrun-f16.gguf\n" in modelfile
+    # the sampling preset in full: Ollama's own top_k (40), min_p and repeat_last_n (64) differ from medlora's
     for line in ('SYSTEM """Test prompt."""', 'PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|endoftext|>"',
-                 "PARAMETER temperature 0.7", "PARAMETER top_p 0.9", "PARAMETER repeat_penalty 1.05",
+                 "PARAMETER temperature 0.7", "PARAMETER top_p 0.9", "PARAMETER top_k 50", "PARAMETER min_p 0",
+                 "PARAMETER repeat_penalty 1.05", "PARAMETER repeat_last_n -1",
                  "PARAMETER num_predict 256", "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>"):
         assert line in modelfile
     assert sorted(p.name for p in (tiny_run / "export").iterdir()) == ["Modelfile", "tinyrun-f16.gguf"]
@@ -475,6 +479,12 @@ def test_cli_exports_a_run_with_its_adapter_merged(tiny_run, tiny_model_dir, cap
     (["export", "{run}", "--output", "{empty}"], "--output {empty} is a folder; give a file name"),
     (["export", "{run}", "--output", "{file}/sub/x.gguf"],
      "cannot create --output folder {file}/sub: {file} is a file, not a folder"),
+    # never over a file of the user's (or of the run: its config.yaml), only over a GGUF
+    (["export", "{run}", "--output", "{run}/config.yaml"],
+     "--output {run}/config.yaml: give a file name ending in .gguf"),
+    (["export", "{run}", "--output", "{notgguf}"],
+     "--output {notgguf} exists and is not a GGUF file; medlora will not overwrite it: give another name or move it "
+     "away"),
 ])
 def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys, args, message, monkeypatch):
     import medlora.model
@@ -484,11 +494,14 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys, args, message, monk
 
     monkeypatch.setattr(medlora.model, "load_run_model", no_loading)
     (tmp_path / "a-file").write_text("x")
-    paths = {"missing": tmp_path / "nope", "run": tiny_run, "empty": tmp_path, "file": tmp_path / "a-file"}
+    (tmp_path / "notes.gguf").write_text("my notes")
+    paths = {"missing": tmp_path / "nope", "run": tiny_run, "empty": tmp_path, "file": tmp_path / "a-file",
+             "notgguf": tmp_path / "notes.gguf"}
     assert main([a.format(**paths) for a in args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.strip() == "medlora: error: " + message.format(**paths)
+    assert (tmp_path / "notes.gguf").read_text() == "my notes" and (tiny_run / "config.yaml").read_text()
 
 
 def test_export_to_an_unwritable_folder_is_one_line_before_loading(tiny_run, capsys, monkeypatch):
@@ -552,3 +565,98 @@ def test_chat_backend_auto_runs_llamacpp_hf_merges_and_fallback_is_one_line(tiny
     assert main(ask + ["--backend", "llamacpp"]) == 2
     assert capsys.readouterr().err.strip() == ("medlora: error: the llama.cpp backend needs the xllamacpp package: "
                                                "pip install xllamacpp")
+
+
+def _copy_run(tiny_run, tmp_path) -> Path:
+    import shutil
+
+    run = tmp_path / "tinyrun"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export", "merged_model"))
+    return run
+
+
+def test_a_modelfile_that_is_not_medloras_stays_and_a_prompt_ollama_cannot_quote_skips_it(tiny_run, tmp_path,
+                                                                                          capsys):
+    theirs = tmp_path / "Modelfile"
+    theirs.write_text("FROM llama3\n")
+    assert main(["export", str(tiny_run), "--quant", "f16", "--output", str(tmp_path / "mine.gguf")]) == 0
+    assert theirs.read_text() == "FROM llama3\n"
+    assert "\nFROM ./mine.gguf\n" in (tmp_path / "mine.Modelfile").read_text()
+    assert f"{theirs} is not medlora's: leaving it as it is, writing {tmp_path / 'mine.Modelfile'}" in \
+        capsys.readouterr().err
+    # a system prompt with \"\"\" cannot go into a Modelfile: the GGUF is written (the prompt inside), the
+    # Modelfile is not, and one line says so
+    run = _copy_run(tiny_run, tmp_path)
+    (run / "config.yaml").write_text(yaml.safe_dump({**yaml.safe_load((run / "config.yaml").read_text()),
+                                                     "system_prompt": 'Quote """this""".'}))
+    assert main(["export", str(run), "--quant", "f16"]) == 0
+    assert 'warning: no Modelfile written: the system prompt contains """' in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["tinyrun-f16.gguf"]
+    assert gguf_system_prompt(run / "export" / "tinyrun-f16.gguf") == 'Quote """this""".'
+
+
+def test_a_gguf_alone_answers_under_its_runs_prompt_and_chat_keeps_the_runs_modelfile(tiny_run, tiny_export,
+                                                                                      tmp_path, capsys):
+    import shutil
+
+    from medlora.inference.loader import open_backend
+
+    run = _copy_run(tiny_run, tmp_path)
+    assert main(["export", str(run), "--quant", "f16"]) == 0
+    moved = tmp_path / "elsewhere.gguf"
+    shutil.copy(run / "export" / "tinyrun-f16.gguf", moved)
+    assert open_backend(str(moved), threads=1).system_prompt == "Test prompt."
+    # an export made before the prompt was kept in the file: the run whose export/ folder holds it
+    shutil.copy(tiny_export[3], run / "export" / "older.gguf")
+    assert gguf_system_prompt(tiny_export[3]) is None and gguf_system_prompt(run / "export" / "older.gguf") == \
+        "Test prompt."
+    # chat exports q8_0 for llama.cpp; the Modelfile `medlora export` wrote (for f16) stays as it was
+    modelfile = (run / "export" / "Modelfile").read_text()
+    assert main(["chat", str(run), "-q", "hi", "--max_new_tokens", "2", "--threads", "1"]) == 0
+    assert (run / "export" / "tinyrun-q8_0.gguf").is_file() and (run / "export" / "Modelfile").read_text() == modelfile
+
+
+def test_a_stale_merge_and_a_read_only_run_are_exported_to_the_cache(tiny_run, tmp_path, capsys, monkeypatch):
+    import time
+
+    import medlora.export.gguf as gguf_module
+
+    run, cache = _copy_run(tiny_run, tmp_path), tmp_path / "cache"
+    monkeypatch.setenv("MEDLORA_CACHE", str(cache))
+    assert main(["merge", str(run)]) == 0
+    ask = ["chat", str(run / "merged_model"), "-q", "hi", "--max_new_tokens", "2", "--threads", "1"]
+    assert main(ask) == 0  # a merge of the adapter as it is: the run's own file serves it
+    assert f"exporting {run} to {run / 'export' / 'tinyrun-q8_0.gguf'}" in capsys.readouterr().err
+    later = time.time() + 10  # the adapter trained on (--resume) after the merge: the merged folder is its own
+    os.utime(run / "adapter" / "adapter_model.safetensors", (later, later))
+    assert main(ask) == 0
+    assert f"exporting {(run / 'merged_model').resolve()} to {cache / 'gguf'}" in capsys.readouterr().err
+
+    real = gguf_module.check_output_file
+
+    def read_only(path, label):  # as on a read-only mount (root writes through file permissions)
+        if run in Path(path).parents:
+            raise MedloraError(f"cannot write to {label} folder {path.parent} (Read-only file system)")
+        return real(path, label)
+
+    monkeypatch.setattr(gguf_module, "check_output_file", read_only)
+    (run / "export" / "tinyrun-q8_0.gguf").unlink()
+    assert main(["chat", str(run), "-q", "hi", "--max_new_tokens", "2", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"exporting {run.resolve()} to {cache / 'gguf'}" in err and "llama.cpp q8_0" in err
+
+
+def test_a_finished_run_whose_adapter_is_gone_says_so(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = _copy_run(tiny_run, tmp_path)
+    (run / "metrics.json").write_text("{}")
+    (run / "adapter" / "adapter_model.safetensors").unlink()
+    assert main(["merge", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == (f"medlora: error: {run / 'adapter'}: adapter_model.safetensors is "
+                                               "missing (deleted, or an interrupted copy?)")
+    shutil.rmtree(run / "adapter")
+    assert main(["export", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == (f"medlora: error: {run}: its adapter/ folder is missing or "
+                                               "incomplete (deleted since the run finished?)")
+

@@ -20,11 +20,12 @@ import contextlib
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 from ..errors import MedloraError, log
 from ..prompts import DEFAULT_SYSTEM_PROMPT
-from ..rundir import MODELFILE, RunDir, check_output_file, not_a_folder
+from ..rundir import EXPORT, MODELFILE, RunDir, check_output_file, not_a_folder
 from .q4_0 import activation_importance, calibration_tokens, keeps_q8_0, q4_0_weighted
 
 QUANTS = ("f16", "q8_0", "q4_0")
@@ -210,10 +211,64 @@ def _write_tokenizer(gguf, writer, tokenizer, vocab_size: int) -> None:
 
 # ---------------------------------------------------------------- the file
 
+SYSTEM_PROMPT_KEY = "medlora.system_prompt"  # our own key: GGUF has none for a default system prompt
+
+
+def gguf_system_prompt(path: Path) -> str | None:
+    """The system prompt a medlora export keeps in the file, else (an older export, another tool's GGUF) the
+    prompt of the run whose export/ folder holds it, else None."""
+    prompt = _read_early_string(Path(path), SYSTEM_PROMPT_KEY)
+    if prompt is not None:
+        return prompt
+    path = Path(path)
+    if path.parent.name == EXPORT:
+        run = RunDir(path.parent.parent)
+        if run.is_finished_run():
+            return run.system_prompt()
+    return None
+
+
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> size
+_STRING = 8
+
+
+def _read_early_string(path: Path, key: str) -> str | None:
+    """A string value among a GGUF file's first key/value pairs, where write_gguf puts SYSTEM_PROMPT_KEY.
+    Written by hand because gguf.GGUFReader parses every tensor and vocabulary entry first (2.6 s for the 135M
+    model's file); this stops at the first array (the vocabulary comes after our key) and reads a few bytes."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF" or struct.unpack("<I", f.read(4))[0] < 2:
+                return None
+            _, n_kv = struct.unpack("<QQ", f.read(16))
+            for _ in range(min(n_kv, 64)):
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > 1024:
+                    return None
+                name = f.read(n)
+                (vtype,) = struct.unpack("<I", f.read(4))
+                if vtype == _STRING:
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    if n > 1 << 20:
+                        return None
+                    value = f.read(n)
+                    if name == key.encode():
+                        return value.decode("utf-8")
+                elif vtype in _SCALAR_BYTES:
+                    f.seek(_SCALAR_BYTES[vtype], os.SEEK_CUR)
+                else:  # an array: past the early metadata
+                    return None
+    except (OSError, struct.error, UnicodeDecodeError):
+        return None
+    return None
+
+
 def write_gguf(model, tokenizer, out: Path, quant: str = DEFAULT_QUANT, name: str | None = None,
-               progress: bool = True, importance: dict | None = None) -> Path:
+               progress: bool = True, importance: dict | None = None, system_prompt: str | None = None) -> Path:
     """Write ``model`` (fp32, HF, llama or qwen2) and ``tokenizer`` to ``out`` (tmp file, then renamed).
-    ``importance``: ``activation_importance`` of the model, used by q4_0 (without it, plain round-to-nearest)."""
+    ``importance``: ``activation_importance`` of the model, used by q4_0 (without it, plain round-to-nearest).
+    ``system_prompt``: the run's, kept in the file (SYSTEM_PROMPT_KEY) so that chat and serve on the .gguf
+    alone, wherever it is copied, answer under it."""
     gguf = _gguf()
     if quant not in QUANTS:
         raise MedloraError(f"unknown quantization {quant!r}; choose {', '.join(QUANTS)}")
@@ -234,6 +289,8 @@ def write_gguf(model, tokenizer, out: Path, quant: str = DEFAULT_QUANT, name: st
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # two processes exporting at once never share a file
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[model_arch])
     try:
+        if system_prompt:  # first, where gguf_system_prompt finds it without reading the vocabulary
+            writer.add_string(SYSTEM_PROMPT_KEY, system_prompt)
         _write_hparams(writer, config, name or out.stem, file_type)
         _write_tokenizer(gguf, writer, tokenizer, int(config.vocab_size))
         from ..progress import bar
@@ -272,14 +329,18 @@ _CHATML_TEMPLATE = ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content 
                     '{{ end }}<|im_start|>assistant\n')
 
 
+MODELFILE_MARK = "# written by medlora export"
+
+
 def modelfile_text(gguf_file: str, chat_template: str, system_prompt: str, vocab: dict) -> str:
     """An Ollama Modelfile: the GGUF, the chat format as a Go template (ChatML), the run's system prompt, the
     stop tokens and medlora's sampling preset."""
     from ..inference.backend import PRESETS
+    from ..inference.llamacpp import HF_DEFAULT_TOP_K
 
     if '"""' in system_prompt:
         raise MedloraError(f'the system prompt contains """, which an Ollama {MODELFILE} cannot quote')
-    lines = [f"FROM ./{gguf_file}"]
+    lines = [f"{MODELFILE_MARK}: ollama create NAME -f THIS_FILE", f"FROM ./{gguf_file}"]
     if "<|im_start|>" in chat_template and "<|im_end|>" in vocab:
         lines.append(f'TEMPLATE """{_CHATML_TEMPLATE}"""')
     else:
@@ -289,29 +350,72 @@ def modelfile_text(gguf_file: str, chat_template: str, system_prompt: str, vocab
         if stop in vocab:
             lines.append(f'PARAMETER stop "{stop}"')
     sample = PRESETS["sample"]
+    # top_k, min_p and repeat_last_n too: Ollama's own defaults (40, 0.05 in newer versions, 64) differ from
+    # medlora's sampling preset (transformers' top_k 50, no min_p, the repetition penalty over the whole context:
+    # repeat_last_n -1 in Ollama's terms)
     lines += [f"PARAMETER temperature {sample.temperature}", f"PARAMETER top_p {sample.top_p}",
+              f"PARAMETER top_k {HF_DEFAULT_TOP_K}", "PARAMETER min_p 0",
               f"PARAMETER repeat_penalty {sample.repetition_penalty}",
-              f"PARAMETER num_predict {sample.max_new_tokens}"]
+              "PARAMETER repeat_last_n -1", f"PARAMETER num_predict {sample.max_new_tokens}"]
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(gguf_path: Path, tokenizer, system_prompt: str, tag: str = "") -> Path:
-    """Ollama's Modelfile beside the GGUF (Modelfile-checkpoint-N for a checkpoint's: the run's own stays)."""
+def _ours(path: Path) -> bool:
+    """A Modelfile that medlora wrote (today's, with its mark, or an older one: a single FROM ./X.gguf first)."""
+    try:
+        head = path.read_text(encoding="utf-8", errors="replace")[:300]
+    except OSError:
+        return False
+    first = head.split("\n", 1)[0]
+    return first.startswith(MODELFILE_MARK) or (first.startswith("FROM ./") and first.endswith(".gguf"))
+
+
+def write_modelfile(gguf_path: Path, tokenizer, system_prompt: str, tag: str = "") -> Path | None:
+    """Ollama's Modelfile beside the GGUF (Modelfile-checkpoint-N for a checkpoint's: the run's own stays). A
+    Modelfile there that medlora did not write is left alone: this one is then NAME.Modelfile. None (with one
+    line) where the system prompt cannot be written into a Modelfile; the GGUF stands without it."""
+    try:
+        text = modelfile_text(gguf_path.name, tokenizer.chat_template or "", system_prompt, tokenizer.get_vocab())
+    except MedloraError as e:
+        log(f"warning: no {MODELFILE} written: {e}; {gguf_path} is complete (llama.cpp, or write a {MODELFILE} "
+            "by hand)")
+        return None
     path = gguf_path.with_name(MODELFILE + tag)
+    if path.exists() and not _ours(path):
+        path = gguf_path.with_suffix("." + MODELFILE)
+        log(f"{gguf_path.parent / (MODELFILE + tag)} is not medlora's: leaving it as it is, writing {path}")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(modelfile_text(gguf_path.name, tokenizer.chat_template or "", system_prompt,
-                                  tokenizer.get_vocab()), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def check_gguf_output(out: Path) -> None:
+    """--output names a .gguf file; an existing file there is replaced only if it is a GGUF (an export made
+    before), never a user's other file."""
+    check_output_file(out, "--output")
+    if out.suffix.lower() != ".gguf":
+        raise MedloraError(f"--output {out}: give a file name ending in .gguf")
+    if out.exists():
+        try:
+            with open(out, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise MedloraError(f"--output {out}: cannot read the existing file ({e.strerror})") from None
+        if magic != b"GGUF":
+            raise MedloraError(f"--output {out} exists and is not a GGUF file; medlora will not overwrite it: "
+                               "give another name or move it away")
+        log(f"replacing the GGUF file {out}")
 
 
 # ---------------------------------------------------------------- what to export
 
 def export(target: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | None = None,
            trust_remote_code: bool = False, progress: bool = True, modelfile: bool = True,
-           announce: str | None = None) -> Path:
+           announce: str | None = None, user_output: bool = True) -> Path:
     """Export a run folder (its adapter merged in memory), its merged_model/ or any HF model folder. Default
-    output: RUN/export/RUN-QUANT.gguf (for a plain model folder, FOLDER/export/FOLDER-QUANT.gguf)."""
+    output: RUN/export/RUN-QUANT.gguf (for a plain model folder, FOLDER/export/FOLDER-QUANT.gguf).
+    ``user_output``: ``output`` is the user's --output (checked as such); False for the cached exports."""
     from ..model import load_model, load_run_model, load_tokenizer
 
     if quant not in QUANTS:
@@ -329,7 +433,11 @@ def export(target: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | 
         raise run.not_a_run(" nor a model folder (no config.json)")
     name = home.name
     out = Path(output) if output else home.export_dir / f"{name}-{quant}.gguf"
-    check_output_file(out, "--output")  # before the model loads (seconds to minutes), not after
+    # before the model loads (seconds to minutes), not after
+    if output and user_output:
+        check_gguf_output(out)
+    else:
+        check_output_file(out, "export")
     if home is run:
         peft_model, tokenizer, _ = load_run_model(run, trust_remote_code=trust_remote_code)
         model = peft_model.merge_and_unload()
@@ -347,7 +455,8 @@ def export(target: str | Path, quant: str = DEFAULT_QUANT, output: str | Path | 
             importance = activation_importance(model, tokens, progress)
         else:
             log(f"q4_0: no calibration data ({source}); plain round-to-nearest q4_0")
-    write_gguf(model, tokenizer, out, quant, name=name, progress=progress, importance=importance)
+    write_gguf(model, tokenizer, out, quant, name=name, progress=progress, importance=importance,
+               system_prompt=prompt)
     if modelfile:
         write_modelfile(out, tokenizer, prompt, home.tag)
     return out
@@ -363,7 +472,9 @@ def cached_export(target: str | Path | None, quant: str = DEFAULT_QUANT, model: 
 
     * a run folder: RUN/export/RUN-QUANT.gguf, the file `medlora export` writes (exported again when the adapter
       is newer than it, e.g. after --resume trained on);
-    * a run's merged model: the same file as its run;
+    * a run's merged model: the same file as its run (the merged folder's own, in the cache, where the adapter
+      changed after the merge);
+    * a run folder that cannot be written to (read-only): a file in medlora's cache;
     * any other HF model folder, or (``target`` None) the base model ``model`` by name: a file in medlora's
       cache, so a user's model folder is never written to.
     """
@@ -378,16 +489,28 @@ def cached_export(target: str | Path | None, quant: str = DEFAULT_QUANT, model: 
     else:
         folder = Path(target)
         run = RunDir.home(folder)
-        if run.is_finished_run():
+        # a merged model is its run's adapter merged in: the run's file serves it, unless the adapter changed
+        # since the merge (--resume trained on), when the merged folder is exported on its own, below
+        stale_merge = folder != run.path and run.is_finished_run() and \
+            _newest_mtime(folder) < _newest_mtime(run.adapter_dir)
+        if run.is_finished_run() and not stale_merge:
             out = run.export_dir / f"{run.name}-{quant}.gguf"
-            if not out.is_file() or out.stat().st_mtime < _newest_mtime(run.adapter_dir):
-                export(str(run), quant, out, trust_remote_code, announce=f"exporting {run} to {out} for "
-                       "llama.cpp (once; `medlora export` writes the same file)")
-            return out
+            try:
+                check_output_file(out, "export")
+            except MedloraError:  # a read-only run folder: the export goes to medlora's cache instead
+                folder = run.path
+            else:
+                if not out.is_file() or out.stat().st_mtime < _newest_mtime(run.adapter_dir):
+                    # the run's Modelfile stays as `medlora export` last wrote it (perhaps for another quant)
+                    export(str(run), quant, out, trust_remote_code, user_output=False,
+                           modelfile=not (run.export_dir / (MODELFILE + run.tag)).exists(),
+                           announce=f"exporting {run} to {out} for llama.cpp (once; `medlora export` writes the "
+                           "same file)")
+                return out
     resolved = folder.resolve()
     digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:10]
     out = cache_dir() / "gguf" / f"{resolved.name}-{digest}-{quant}.gguf"
     if not out.is_file() or out.stat().st_mtime < _newest_mtime(resolved):
-        export(resolved, quant, out, trust_remote_code, modelfile=False,
+        export(resolved, quant, out, trust_remote_code, modelfile=False, user_output=False,
                announce=f"exporting {resolved} to {out} for llama.cpp (once)")
     return out

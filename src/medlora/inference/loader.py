@@ -82,9 +82,10 @@ def open_backend(target: str | None, model: str | None = None, backend: str = "a
     if target is not None and str(target).endswith(".gguf"):
         if backend == "hf":
             raise MedloraError("a .gguf file runs in llama.cpp only (--backend auto or llamacpp)")
+        from ..export.gguf import gguf_system_prompt
         from .llamacpp import load_llamacpp_backend
 
-        return load_llamacpp_backend(target, None, threads)
+        return load_llamacpp_backend(target, gguf_system_prompt(Path(target)), threads)
     check_target(target, model)
     if backend != "hf":
         try:
