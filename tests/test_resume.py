@@ -231,7 +231,7 @@ def test_a_checkpoint_is_the_run_at_that_step_for_chat_eval_export_merge_and_ser
     modelfile.write_text("the run's own")
     assert main(["export", str(earlier), "--quant", "f16"]) == 0
     assert capsys.readouterr().out.strip() == str(run / "export" / f"run-{earlier.name}-f16.gguf")
-    assert (run / "export" / f"Modelfile-{earlier.name}").read_text().startswith(f"FROM ./run-{earlier.name}-f16.gguf")
+    assert f"\nFROM ./run-{earlier.name}-f16.gguf\n" in (run / "export" / f"Modelfile-{earlier.name}").read_text()
     assert modelfile.read_text() == "the run's own"
     assert main(["merge", str(earlier)]) == 0
     merged = run / f"merged_model-{earlier.name}"
@@ -284,11 +284,74 @@ def test_resuming_a_finished_run_changes_nothing_and_a_larger_max_steps_extends_
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing deleted or rewritten
     assert main(["train", "--resume", str(run), "--max_steps", str(STEPS)]) == 2  # not larger: still finished
     assert main(["train", "--resume", str(run), "--max_steps", str(STEPS + 2)]) == 0
-    assert f"extending the finished run from {STEPS} to {STEPS + 2} steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"extending the finished run from {STEPS} to {STEPS + 2} steps" in err
+    # the progress bar counts samples from where the run stands, so that its ETA is for what is left
+    assert f"| {2 * STEPS}/{2 * STEPS + 4} [" in err and f"| {2 * STEPS + 4}/{2 * STEPS + 4} [" in err
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train_steps"] == STEPS + 2 and metrics["resumed_from"] == f"checkpoint-{STEPS}"
     assert sorted(losses(run)) == list(range(1, STEPS + 3))
     assert f"max_steps: {STEPS + 2}" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("point, sig", [("base_eval", signal.SIGTERM), ("final_eval", signal.SIGINT)])
+def test_a_signal_outside_the_training_loop_is_one_line_and_leaves_a_run_to_resume_or_nothing(
+        point, sig, sample_csv, tiny_model_dir, tmp_path, capsys):
+    """Ctrl-C, SIGTERM or SIGHUP while the base model is evaluated (minutes for the 1.5B model) or after the
+    last step: one line saying what was kept. A new run with no checkpoint leaves no folder that looks like a run
+    but cannot resume; after training, the resume command it names (quoted for the shell) finishes the run."""
+    out = tmp_path / "a run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MEDLORA_TEST_CRASH_AT": f"{point}={int(sig)}"}
+    proc = subprocess.run([sys.executable, "-m", "medlora", "train", "--data", str(sample_csv), "--model",
+                           str(tiny_model_dir), "--output_dir", str(out), "--max_steps", "2",
+                           "--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "2",
+                           "--max_eval_samples", "2"], capture_output=True, text=True, timeout=600, env=env)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 128 + sig and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    if point == "base_eval":
+        assert last == (f"medlora: SIGTERM: stopped before the first checkpoint, so there is nothing to resume ({out} "
+                        "removed): start the run again")
+        assert not out.exists()
+        return
+    assert "| 4/4 [" in proc.stderr  # the bar counts samples: 2 steps of one micro-batch of 2
+    assert last == f"medlora: Ctrl-C: stopped; resume with: medlora train --resume '{out}'"
+    assert not (out / "metrics.json").exists() and not (out / ".medlora-lock").exists()
+    assert main(["train", "--resume", str(out)]) == 0 and (out / "metrics.json").is_file()
+    err = capsys.readouterr().err
+    summary = next(line for line in err.splitlines() if "(base) -> " in line)
+    assert "holds the run's last step" in err and summary.endswith("(fine-tuned)")  # no "None tokens/s"
+
+
+def test_a_checkpoint_damaged_at_the_same_size_is_one_line(uninterrupted, tmp_path, capsys):
+    import shutil
+
+    run = Path(shutil.copytree(uninterrupted, tmp_path / "run", ignore=shutil.ignore_patterns("adapter",
+                                                                                           "metrics.json")))
+    state = run / f"checkpoint-{STEPS}" / "trainer_state.json"
+    state.write_text("[" + state.read_text()[1:])  # a disk error: same size, so the checkpoint looks complete
+    assert main(["train", "--resume", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == (f"medlora: error: {state.parent}: its trainer_state.json is damaged; "
+                                               "move that checkpoint folder away to resume from the one before it")
+
+
+def test_a_run_on_pickle_weights_is_used_afterwards_without_the_flag_again(tiny_model_dir, sample_csv, tmp_path,
+                                                                          capsys):
+    """--allow_pickle_weights (or --trust_remote_code) given to train holds for that run's base model in merge,
+    export, chat and eval: the user trusted that source once."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "old-style"
+    shutil.copytree(tiny_model_dir, base, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict(), base / "pytorch_model.bin")
+    out = tmp_path / "run"
+    train = ["train", "--data", str(sample_csv), "--model", str(base), "--output_dir", str(out), "--max_steps", "1",
+             "--gradient_accumulation_steps", "1", "--max_eval_samples", "2"]
+    assert main(train) == 2 and "--allow_pickle_weights" in capsys.readouterr().err
+    assert main([*train, "--allow_pickle_weights"]) == 0
+    assert main(["merge", str(out)]) == 0 and (out / "merged_model" / "model.safetensors").is_file()
+    assert main(["chat", str(out), "-q", "hi", "--backend", "hf", "--max_new_tokens", "2"]) == 0
 
 
 def test_unwritable_output_dir_fails_before_training(sample_csv, tmp_path, capsys):

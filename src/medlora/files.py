@@ -37,13 +37,17 @@ def finite_json(value):
 
 
 # Fault injection for the crash tests (tests/test_crash.py): with MEDLORA_TEST_CRASH_AT=<point>, the process
-# SIGKILLs itself at that point of writing an artifact, exactly as a power cut or the OOM killer would.
+# SIGKILLs itself at that point of writing an artifact, exactly as a power cut or the OOM killer would; with
+# <point>=<signal number>, it sends itself that signal instead (a Ctrl-C or SIGTERM at a known moment).
 CRASH_ENV = "MEDLORA_TEST_CRASH_AT"
 
 
 def crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
+    at = os.environ.get(CRASH_ENV)
+    if at == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif at and at.startswith(name + "=") and (signum := at[len(name) + 1:]).isdigit():
+        os.kill(os.getpid(), int(signum))
 
 
 def raise_write_error(path: Path, error: BaseException):

@@ -217,17 +217,39 @@ def find_lora_targets(model: torch.nn.Module) -> list[str]:
     return [n for n in LORA_TARGET_NAMES if n in found]
 
 
+def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """Every --target_modules name matches a layer (as peft matches them: the name, or its last parts); peft
+    itself only complains when none does, and a typo beside a good name would quietly train fewer layers."""
+    import torch
+
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise MedloraError(f"--target_modules: no layer named {', '.join(missing)} in this model (its linear "
+                           f"layers: {', '.join(linear[:12])})")
+
+
 def load_run_model(run, base: str | None = None, trust_remote_code: bool = False):
     """A finished run's adapter on its base model, in fp32: (PeftModel, tokenizer, base model name).
-    ``base`` overrides the run's own base model; the tokenizer and chat template come from the adapter."""
+    ``base`` overrides the run's own base model; the tokenizer and chat template come from the adapter. The run's
+    own --trust_remote_code and --allow_pickle_weights hold for its own base model: the user trusted that source
+    when training on it (as eval does), so chat, merge and export need not be told again."""
     from peft import PeftModel
 
     from .config import TrainConfig
 
-    base_name = base or run.read_config_raw().get("model") or TrainConfig.model
+    saved = run.read_config_raw()
+    base_name = base or saved.get("model") or TrainConfig.model
+    own_base = base is None or base == saved.get("model")
+    trust_remote_code = trust_remote_code or (own_base and saved.get("trust_remote_code") is True)
+    allow_pickle = own_base and saved.get("allow_pickle_weights") is True
     try:
+        if not any((run.adapter_dir / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise MedloraError(f"{run.adapter_dir}: adapter_model.safetensors is missing (deleted, or an interrupted "
+                               "copy?)")  # before the base model loads, for nothing
         tokenizer = load_tokenizer(str(run.adapter_dir), trust_remote_code)
-        base_model = load_model(resolve_model(base_name), trust_remote_code)
+        base_model = load_model(resolve_model(base_name), trust_remote_code, allow_pickle_weights=allow_pickle)
         try:
             return PeftModel.from_pretrained(base_model, str(run.adapter_dir)), tokenizer, base_name
         except Exception as e:  # noqa: BLE001 - safetensors, JSON and shape errors: a damaged or foreign adapter

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from datetime import datetime
@@ -176,6 +177,12 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.checkpoint_used or self.path)
 
+    @property
+    def shell(self) -> str:
+        """The folder as a command line takes it (quoted where it has spaces or quotes): for the commands that
+        error messages tell the user to run."""
+        return shlex.quote(str(self))
+
     # -- what is in it
     config_file = property(lambda self: self.path / CONFIG)
     info_file = property(lambda self: self.path / RUN_INFO)
@@ -224,8 +231,8 @@ class RunDir:
         if not Path(path).is_dir():
             raise not_a_folder(Path(path))
         if not finished and run.checkpoint_used is not None:
-            raise MedloraError(f"{run} is a checkpoint: give its run folder (medlora train --resume {run.path}), which "
-                               "goes on from its newest complete checkpoint")
+            raise MedloraError(f"{run} is a checkpoint: give its run folder (medlora train --resume "
+                               f"{shlex.quote(str(run.path))}), which goes on from its newest complete checkpoint")
         if not (run.is_finished_run() if finished else run.config_file.is_file()):
             raise run.not_a_run()
         return run
@@ -249,10 +256,15 @@ class RunDir:
                                 f"while writing it); use another one")
         if self.config_file.is_file() and not self.has_adapter():
             last = self.latest_complete_checkpoint(quiet=True)
+            finished = self.checkpoint_used is None and self.metrics_file.is_file()
+            if finished:  # it had an adapter: deleted or damaged since
+                return MedloraError(f"{self}: its {ADAPTER}/ folder is missing or incomplete (deleted since the run "
+                                    "finished?)" + (f"; its newest complete checkpoint can be used: give {last}"
+                                                    if last else ""))
             if self.is_locked():
                 state = "it is still training" + ("" if last else "; no checkpoint is complete yet")
             elif last:
-                state = f"it stopped before its end: medlora train --resume {self} finishes it"
+                state = f"it stopped before its end: medlora train --resume {self.shell} finishes it"
             else:
                 state = "it stopped before its first checkpoint: start it again"
             use = f"; its newest complete checkpoint can be used meanwhile: give {last} instead of {self}"
@@ -375,6 +387,18 @@ class RunDir:
                 if folder == self.created_root:
                     return
                 folder = folder.parent
+
+    def discard_unstarted(self) -> bool:
+        """A new run that stopped before its first complete checkpoint (and so can never be resumed): remove
+        what it wrote, so that the folder does not pass for a run. False (nothing removed) once a checkpoint is
+        complete or the run finished."""
+        if self.metrics_file.exists() or self.latest_complete_checkpoint(quiet=True) is not None:
+            return False
+        for name in (CONFIG, RUN_INFO, BASE_EVAL, TRAINER_STATE, LOSS_CURVE):
+            (self.path / name).unlink(missing_ok=True)
+        for partial in self.path.glob(CHECKPOINT_PREFIX + "*"):  # incomplete ones, none of them usable
+            shutil.rmtree(partial, ignore_errors=True)
+        return True
 
     # -- checkpoints
     def checkpoint(self, step: int) -> Path:

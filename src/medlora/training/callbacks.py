@@ -147,11 +147,16 @@ class SampleProgress(TrainerCallback):
         self.bar = self.eval_bar = None
 
     def on_train_begin(self, args, state, control, **kw):
-        self.bar = bar(total=state.max_steps * args.gradient_accumulation_steps, unit="sample", desc="training")
+        # samples of every process (each runs its share of an optimizer step's micro-batches); a resumed run starts
+        # the bar at the samples already trained, so that its ETA counts only what is left
+        self.per_tick = args.per_device_train_batch_size * max(args.world_size, 1)
+        per_step = args.gradient_accumulation_steps * self.per_tick
+        self.bar = bar(total=state.max_steps * per_step, initial=state.global_step * per_step, unit="sample",
+                       desc="training")
         self.start, self.tokens0 = time.time(), state.num_input_tokens_seen
 
     def _tick(self, state):
-        self.bar.update(1)
+        self.bar.update(self.per_tick)
         elapsed = max(time.time() - self.start, 1e-9)
         tps = (state.num_input_tokens_seen - self.tokens0) / elapsed
         loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -126,8 +127,8 @@ def resume_hint(run_dir: str | None) -> str:
     checkpoint = RunDir(run_dir).latest_complete_checkpoint() if run_dir else None
     if checkpoint is None:
         return f"No checkpoint was completed in {run_dir}" if run_dir else "No run folder was created"
-    return (f"Resume from the last complete checkpoint ({checkpoint.name}) with: medlora train --resume {run_dir} "
-            "(any --nproc)")
+    return (f"Resume from the last complete checkpoint ({checkpoint.name}) with: medlora train --resume "
+            f"{shlex.quote(str(run_dir))} (any --nproc)")
 
 
 def _report_failure(failures: dict, nproc: int, run_dir: str | None) -> int:

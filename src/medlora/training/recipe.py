@@ -10,9 +10,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -26,9 +30,9 @@ from ..config import RESUMABLE_CHANGES, TrainConfig
 from ..cpu import (SpeedPlan, cpu_has_native_bf16, cpu_summary, int8_hint, precision_reason,
                    resolve_checkpointing, resolve_precision)
 from ..data import DataReport, EncodedSplit, encode_frame, split
-from ..errors import Interrupted, MedloraError, log, memory_failure, write_failure
-from ..model import find_lora_targets, load_model, load_tokenizer, resolve_model
-from ..files import file_sha256
+from ..errors import Interrupted, MedloraError, log, memory_failure, off_the_dead_terminal, write_failure
+from ..model import check_lora_targets, find_lora_targets, load_model, load_tokenizer, resolve_model
+from ..files import crash_point, file_sha256
 from ..rundir import RunDir, check_output_location, claim_output_dir
 from . import distributed
 from .callbacks import CheckpointGuard, FiniteLoss, Interrupt, SampleProgress
@@ -37,7 +41,7 @@ from .inputs import read_data
 from .int8 import parameter_counts, quantize_frozen_linears
 from .lighter import add_lora_in_place, lighten_activations
 from .losses import accepts_logits_to_keep
-from .trainer import build_trainer
+from .trainer import build_trainer, check_optimizer
 
 
 @dataclass
@@ -75,6 +79,7 @@ def preflight(cfg: TrainConfig, resume: str | Path | None, claimed: Path | None 
     """Validate the data, the run folder and (when resuming) its checkpoints, before any model loads.
     ``claimed``: the folder rank 0 claimed and locked (the other ranks of a distributed run neither claim nor lock)."""
     table = read_data(cfg)  # fast fail on a bad CSV before even resolving the model
+    check_optimizer(cfg.optim)
     cfg = replace(cfg, data=str(Path(cfg.data).resolve()))  # saved absolute: --resume works from anywhere
     sha = file_sha256(cfg.data)
     if not resume:
@@ -90,11 +95,16 @@ def preflight(cfg: TrainConfig, resume: str | Path | None, claimed: Path | None 
     extending = done is not None and cfg.max_steps > done
     if done is not None and not extending:
         raise MedloraError(f"{run}: this run already finished ({done} optimizer steps); nothing was changed. To "
-                           f"train it further, give a larger step count: medlora train --resume {run} --max_steps N "
-                           f"(N > {done})")
+                           f"train it further, give a larger step count: medlora train --resume {run.shell} "
+                           f"--max_steps N (N > {done})")
     resume_from = run.latest_complete_checkpoint()
     if resume_from is None:
         raise MedloraError(f"{run}: no complete checkpoint to resume from; start a new run instead")
+    try:  # same size as recorded but damaged (a disk error): the Trainer would fail on it with a traceback
+        json.loads(run.trainer_state_file(resume_from).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise MedloraError(f"{resume_from}: its {run.trainer_state_file(resume_from).name} is damaged; move that "
+                           "checkpoint folder away to resume from the one before it") from None
     state = run.trainer_state(resume_from)
     target = cfg.max_steps if cfg.max_steps > 0 else state.get("max_steps")
     steps_done = bool(target) and state.get("global_step", 0) >= target
@@ -149,6 +159,7 @@ def apply_lora(cfg: TrainConfig, model):
 
     model.config.use_cache = False
     targets = cfg.target_modules or find_lora_targets(model)
+    check_lora_targets(model, targets)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       bias="none", task_type="CAUSAL_LM", target_modules=targets)
     try:
@@ -262,6 +273,7 @@ def train(job: Job, trainer, n_eval: int) -> tuple[dict, Outcome]:
     base = distributed.broadcast(run.read_base_eval())  # every rank evaluates, or none: evaluate is collective
     if base is None:
         log(f"evaluating the base model on {n_eval} eval rows")
+        crash_point("base_eval")
         base = trainer.evaluate(metric_key_prefix="base_eval")  # distributed: each rank a shard, losses gathered
         distributed.after_evaluate_before_train(trainer)
         if main:
@@ -298,7 +310,7 @@ def train(job: Job, trainer, n_eval: int) -> tuple[dict, Outcome]:
             raise Interrupted("stopped before the first optimizer step; nothing to resume (start the run again)", code)
         ckpt = guard.save_interrupted(trainer)  # distributed: every rank stopped after the same sample
         raise Interrupted(f"stopped at step {trainer.state.global_step}/{trainer.state.max_steps}; checkpoint saved "
-                          f"in {ckpt}. Resume with: medlora train --resume {run}", code)
+                          f"in {ckpt}. Resume with: medlora train --resume {run.shell}", code)
     return base, Outcome(result.training_loss, seconds, tokens_before)
 
 
@@ -323,6 +335,7 @@ def finish(job: Job, trainer, model, tokenizer, base: dict, outcome: Outcome, pl
 
     cfg, run = job.cfg, job.run
     log(f"evaluating the fine-tuned model on {n_eval} eval rows")
+    crash_point("final_eval")
     final = trainer.evaluate()  # distributed: the last collective; then rank 0 alone writes the artifacts
     if not distributed.is_main():
         return None
@@ -359,27 +372,74 @@ def finish(job: Job, trainer, model, tokenizer, base: dict, outcome: Outcome, pl
 
 # ---------------------------------------------------------------- the recipe
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP outside the training loop (loading, the base eval, the final eval, the artifacts)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def signals_stop(enabled: bool):
+    """Outside trainer.train (where Interrupt saves a checkpoint first), SIGTERM and SIGHUP stop the run as Ctrl-C
+    does, so that run() can say what was kept instead of the process dying silently. Not in a torchrun worker:
+    its launcher owns the signals (training/launcher.py)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if signum == signal.SIGHUP:
+            off_the_dead_terminal()
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before if before is not None else signal.SIG_DFL)
+
+
 def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     """Train (or, with ``resume``, continue the run in that folder); returns the run folder. In a torchrun worker
     (RANK/WORLD_SIZE set), this process trains its share and rank 0 writes the run folder."""
     ranks = distributed.setup(cfg.num_threads, cfg.gradient_accumulation_steps)
     job = None
     try:
-        job = preflight_ranks(cfg, resume) if ranks else preflight(cfg, resume)
-        return _run(job)
+        with signals_stop(enabled=not ranks):
+            job = preflight_ranks(cfg, resume) if ranks else preflight(cfg, resume)
+            return _run(job)
     except BaseException as e:
         if ranks and distributed.is_peer_lost(e):  # a peer died: one line, and no waiting on it
             distributed.peer_lost(e, job.run if job else cfg.output_dir)
         if job is not None:
+            # a new run stopped before its first complete checkpoint cannot be resumed: what it wrote goes (one
+            # process only: a distributed run's launcher reports on the folder)
+            discarded = not ranks and job.resume_from is None and job.run.discard_unstarted()
             job.run.unlock(remove_if_unused=True)  # a run that failed before writing anything leaves no folder
             message = stopped_here(job.run, e)
             if message:  # a full disk or no memory left after hours of training: one line, and what to do
                 raise MedloraError(message) from None
+            if isinstance(e, (KeyboardInterrupt, Stopped)):
+                raise stopped_outside_training(job, e, discarded) from None
         raise
     finally:
         if job is not None:
             job.run.unlock()
         distributed.shutdown()
+
+
+def stopped_outside_training(job: Job, e: BaseException, discarded: bool) -> Interrupted:
+    """Ctrl-C, SIGTERM or SIGHUP while the model loaded or was evaluated: what was kept, and the way on."""
+    signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+    name = Interrupt.NAMES.get(signum, "a signal")
+    if discarded:
+        gone = "removed" if not job.run.path.exists() else "emptied"
+        return Interrupted(f"{name}: stopped before the first checkpoint, so there is nothing to resume ({job.run} "
+                           f"{gone}): start the run again", 128 + int(signum))
+    return Interrupted(f"{name}: stopped; resume with: medlora train --resume {job.run.shell}", 128 + int(signum))
 
 
 def stopped_here(run: RunDir, error: BaseException) -> str | None:
@@ -389,13 +449,14 @@ def stopped_here(run: RunDir, error: BaseException) -> str | None:
     if reason := write_failure(error):
         free = shutil.disk_usage(run.path).free
         problem = f"cannot write to the run folder {run}: {reason} ({free / 1e6:,.0f} MB free there)"
-        go_on, again = f"make room, then resume with: medlora train --resume {run}", "make room and start the run again"
+        go_on = f"make room, then resume with: medlora train --resume {run.shell}"
+        again = "make room and start the run again"
     elif reason := memory_failure(error):
         problem = f"out of memory ({reason})"
         less = "" if run.read_info().get("gradient_checkpointing", True) else " --gradient_checkpointing on"
-        go_on = (f"resume with less memory: medlora train --resume {run}{less}" if less else
-                 f"close other programs, then resume with: medlora train --resume {run}; or start a new run with a "
-                 "lower --max_seq_len or --precision int8")
+        go_on = (f"resume with less memory: medlora train --resume {run.shell}{less}" if less else
+                 f"close other programs, then resume with: medlora train --resume {run.shell}; "
+                 "or start a new run with a lower --max_seq_len or --precision int8")
         again = "start again with a lower --max_seq_len, --gradient_checkpointing on or --precision int8"
     else:
         return None
@@ -430,8 +491,9 @@ def _run(job: Job) -> Path:
     metrics = finish(job, trainer, model, tokenizer, base, outcome, plan, n_eval)
     if metrics is None:  # a rank other than 0: rank 0 writes the artifacts
         return job.run.path
-    log(f"eval loss {base['base_eval_loss']:.4f} (base) -> {metrics['eval_loss']:.4f} (fine-tuned); "
-        f"{metrics['train_tokens_per_second']} tokens/s")
+    speed = metrics["train_tokens_per_second"]  # None where this session trained no step (all in the checkpoint)
+    log(f"eval loss {base['base_eval_loss']:.4f} (base) -> {metrics['eval_loss']:.4f} (fine-tuned)"
+        + (f"; {speed} tokens/s" if speed is not None else ""))
     log(f"done: {job.run}")
     print(job.run)
     return job.run.path

@@ -12,7 +12,7 @@ from transformers.trainer_callback import ProgressCallback
 from ..config import TrainConfig
 from ..cpu import SpeedPlan
 from ..data import make_collator
-from ..errors import log
+from ..errors import MedloraError, log
 from . import distributed
 from .callbacks import SampleProgress
 from .losses import accepts_logits_to_keep, answer_only_loss
@@ -26,6 +26,23 @@ RENAMED = {
     "gradient_checkpointing_kwargs": ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"),
     "use_cpu": ("use_cpu", "no_cuda"),
 }
+
+
+def check_optimizer(name: str) -> None:
+    """--optim names an optimizer the Trainer knows and can build here, checked before any model loads (the
+    Trainer would only find out after the base model's eval). Asks transformers itself, so the list never drifts."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            args = TrainingArguments(output_dir=scratch, optim=name, use_cpu=True, report_to="none")
+            Trainer.get_optimizer_cls_and_kwargs(args)
+    except ValueError:
+        raise MedloraError(f"--optim {name}: not an optimizer that transformers knows; for example adamw_torch (the "
+                           "default), adamw_torch_fused, adafactor, sgd, adagrad, rmsprop") from None
+    except ImportError as e:
+        raise MedloraError(f"--optim {name} needs a package that is not installed ({str(e).splitlines()[0]})") \
+            from None
 
 
 def filter_training_kwargs(kwargs: dict, accepted: set[str] | None = None) -> tuple[dict, list[str]]:
