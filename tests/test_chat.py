@@ -81,6 +81,31 @@ def greedy():
     return preset("greedy", max_new_tokens=24)
 
 
+def test_a_conversation_longer_than_the_context_goes_on_without_its_oldest_exchanges(from_run, monkeypatch,
+                                                                                   capsys):
+    """The REPL neither exits nor loses the conversation when it outgrows the context: the oldest exchanges are
+    left out (one line says so), and a question too long on its own is refused in one line, the REPL going on."""
+    prompts = []
+    real = from_run.model.generate
+
+    def recording_generate(**kw):
+        prompts.append(kw["input_ids"].shape[1])
+        return real(**kw)
+
+    system = [{"role": "system", "content": CUSTOM_PROMPT}, {"role": "user", "content": "What is anemia?"}]
+    context = from_run.count_tokens(system) + 60  # room for about one more exchange of 20-token answers
+    monkeypatch.setattr(from_run.model.config, "max_position_embeddings", context)
+    monkeypatch.setattr(from_run.model, "generate", recording_generate)
+    lines = iter(["What is anemia?", "What causes gout?", "How is it treated?", "word " * 300, "What is asthma?",
+                  "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    repl(from_run, preset("greedy", max_new_tokens=20), system_prompt=CUSTOM_PROMPT)
+    out, err = capsys.readouterr()
+    assert len(prompts) == 4 and max(prompts) < context, prompts  # the long question never reached the model
+    assert "oldest messages are left out of it from now on; /reset starts afresh" in err
+    assert "(the question takes" in err and f"this model's context holds {context}: ask a shorter question)" in err
+
+
 @pytest.mark.slow
 def test_backend_streams_pieces_that_join_to_the_answer_with_token_counts(from_run):
     """The interface every backend implements: stream(messages, params) -> text pieces, then usage."""

@@ -245,7 +245,9 @@ def test_sampling_fields_map_onto_presets():
     assert params(temperature=0.001)[0].do_sample is False
     assert params(temperature=0.5, top_p=0)[0].do_sample is False
     p = params(temperature=0.5, top_p=0.8, max_tokens=7, seed=-1)[0]
-    assert (p.do_sample, p.temperature, p.top_p, p.max_new_tokens, p.seed) == (True, 0.5, 0.8, 7, 2**32 - 1)
+    assert (p.do_sample, p.temperature, p.top_p, p.max_new_tokens, p.seed) == (True, 0.5, 0.8, 7, 2**32 - 2)
+    # any integer is a fixed seed: never 2**32 - 1, which llama.cpp reads as "pick a random seed"
+    assert [params(temperature=0.5, seed=s)[0].seed for s in (2**32 - 1, 2**33 - 2, 0)] == [0, 0, 0]
     assert params(max_completion_tokens=3, max_tokens=9)[0].max_new_tokens == 3
     sample = generation_params(ChatRequest(messages=[{"role": "user", "content": "x"}]), Defaults(mode="sample"))[0]
     assert (sample.do_sample, sample.temperature, sample.top_p) == (True, 0.7, 0.9)
@@ -434,6 +436,21 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_server):
             hang_up(conn)
     q = tiny_server.wait_queue(lambda q: q["running"] == 0 and q["waiting"] == 0)
     assert q["rejected"] >= 1
+
+
+def test_max_queue_zero_answers_one_request_at_a_time(tmp_path, tiny_model_dir):
+    """--max_queue 0: none waits, but an idle server answers (it used to refuse every request with 429); /health
+    tells the chat page the --max_tokens_limit, which sizes its Max tokens box."""
+    server = Server(tmp_path, str(tiny_model_dir), "--backend", "hf", "--max_queue", "0", "--max_new_tokens", "3",
+                    "--max_tokens_limit", "300")
+    try:
+        for _ in range(2):
+            status, _, out = server.post({"messages": user(QUESTION)}, key=None)
+            assert status == 200 and out["usage"]["completion_tokens"] <= 3, out
+        health = server.get("/health", key=None)[2]
+        assert health["max_tokens_limit"] == 300 and health["queue"]["rejected"] == 0
+    finally:
+        assert server.stop() == 0
 
 
 def test_the_llama_cpp_backend_serves_the_same_protocol(tmp_path, tiny_model_dir, tokenizer):

@@ -6,8 +6,30 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from dataclasses import replace
+
 from .data import chat_messages
-from .inference.backend import Backend, GenerationParams
+from .errors import MedloraError
+from .inference.backend import Backend, GenerationParams, context_length
+
+
+def fit(backend: Backend, messages: list[dict], params: GenerationParams) -> tuple[list[dict], GenerationParams, int]:
+    """The conversation (``messages[0]`` the system prompt) as it fits the model's context: the oldest exchanges
+    left out while it is too long (the latest question always stays), and max_new_tokens cut to the room left.
+    Returns (messages, params, how many earlier messages were left out); raises MedloraError when the system
+    prompt and the latest question alone leave no room for an answer."""
+    context = context_length(backend)
+    dropped = 0
+    while True:
+        n_prompt = backend.count_tokens(messages)
+        if n_prompt < context:
+            return messages, replace(params, max_new_tokens=min(params.max_new_tokens, context - n_prompt)), dropped
+        later = [i for i in range(2, len(messages)) if messages[i]["role"] == "user"]
+        if not later:
+            raise MedloraError(f"the question takes {n_prompt} tokens with the system prompt, and this model's "
+                               f"context holds {context}: ask a shorter question")
+        dropped += later[0] - 1
+        messages = messages[:1] + messages[later[0]:]
 
 
 def print_stream(backend: Backend, messages: list[dict], params: GenerationParams, out: TextIO) -> str:
@@ -32,8 +54,8 @@ def answer(backend: Backend, question: str, params: GenerationParams, system_pro
 def ask(backend: Backend, question: str, params: GenerationParams, system_prompt: str | None = None,
         out: TextIO | None = None) -> str:
     """``chat -q``: print one streamed answer (to stdout by default)."""
-    return print_stream(backend, chat_messages(system_prompt or backend.system_prompt, question), params,
-                        out or sys.stdout)
+    messages, params, _ = fit(backend, chat_messages(system_prompt or backend.system_prompt, question), params)
+    return print_stream(backend, messages, params, out or sys.stdout)
 
 
 def repl(backend: Backend, params: GenerationParams, system_prompt: str | None = None) -> None:
@@ -63,9 +85,19 @@ def repl(backend: Backend, params: GenerationParams, system_prompt: str | None =
             print("(history cleared)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": question})
+        try:
+            sent, fitted, dropped = fit(backend, history, params)
+        except MedloraError as e:
+            print(f"({e})", file=sys.stderr)
+            history.pop()
+            continue
+        if dropped:
+            print(f"(the conversation outgrew the model's context of {context_length(backend)} tokens: the "
+                  f"{dropped} oldest messages are left out of it from now on; /reset starts afresh)", file=sys.stderr)
+            history = sent
         print("assistant> ", end="", flush=True)
         try:
-            reply = print_stream(backend, history, params, sys.stdout)
+            reply = print_stream(backend, sent, fitted, sys.stdout)
             history.append({"role": "assistant", "content": reply})
         except KeyboardInterrupt:
             print("(stopped)", file=sys.stderr)

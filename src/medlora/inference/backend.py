@@ -14,6 +14,9 @@ from typing import Callable, Iterator, Protocol
 from ..errors import MedloraError
 
 
+SEED_LIMIT = 2**32 - 1  # seeds are 0 .. 2**32 - 2 in both backends
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Decoding settings. The specification's presets: greedy for comparisons and evaluation, sampling
@@ -34,6 +37,8 @@ class GenerationParams:
             (self.top_p is None or (math.isfinite(self.top_p) and 0 < self.top_p <= 1), "top_p must be in (0, 1]"),
             (self.repetition_penalty is None or (math.isfinite(self.repetition_penalty)
                                                  and self.repetition_penalty > 0), "repetition_penalty must be > 0"),
+            # numpy (transformers' set_seed) takes < 2**32, and llama.cpp reads 2**32 - 1 as "a random seed"
+            (self.seed is None or 0 <= self.seed < SEED_LIMIT, f"seed must be between 0 and {SEED_LIMIT - 1}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -99,3 +104,19 @@ class Backend(Protocol):
     def count_tokens(self, messages: list[dict]) -> int:
         """Tokens of the prompt these messages make (chat template, generation prompt included)."""
         ...
+
+
+DEFAULT_CONTEXT = 2048  # a model whose config names no context length
+
+
+def context_length(backend) -> int:
+    """The most tokens prompt and answer may take together: llama.cpp's n_ctx, or the model's position limit."""
+    inner = getattr(backend, "inner", backend)
+    if getattr(inner, "n_ctx", None):
+        return int(inner.n_ctx)
+    config = getattr(getattr(inner, "model", None), "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_CONTEXT

@@ -20,25 +20,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import MedloraError
+from ..inference.backend import DEFAULT_CONTEXT, context_length
 from .middleware import RequestLog
 from .schemas import ApiError, ChatRequest, Defaults, generation_params, parse_request
 from .worker import Job, Worker
-
-DEFAULT_CONTEXT = 2048  # a model whose config names no context length
-
-
-def context_length(backend) -> int:
-    """The most tokens prompt and answer may take together: llama.cpp's n_ctx, or the model's position limit."""
-    inner = getattr(backend, "inner", backend)
-    if getattr(inner, "n_ctx", None):
-        return int(inner.n_ctx)
-    config = getattr(getattr(inner, "model", None), "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return DEFAULT_CONTEXT
-
 
 @dataclass
 class ServerState:
@@ -188,6 +173,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health():
         body = {"status": state.status(), "model": state.model_id, "description": state.description,
+                "max_tokens_limit": state.defaults.max_tokens_limit,
                 "queue": state.worker.snapshot() if state.worker else {"waiting": 0, "running": 0,
                                                                          "max_queue": state.max_queue}}
         if state.load_error:

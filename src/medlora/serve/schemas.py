@@ -11,10 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..inference.backend import GenerationParams, preset
+from ..inference.backend import SEED_LIMIT, GenerationParams, preset
 
 MIN_TEMPERATURE = 0.01  # below this, sampling divides the logits into overflow: treated as greedy (temperature 0)
-SEED_MODULUS = 2**32    # transformers' set_seed seeds numpy too, which takes 0 <= seed < 2**32
+SEED_MODULUS = SEED_LIMIT  # any integer seed an OpenAI client sends, taken modulo the seeds both backends take
 
 
 class ApiError(Exception):
@@ -119,8 +119,9 @@ def generation_params(req: ChatRequest, defaults: Defaults) -> tuple[GenerationP
     uses the server's --mode. top_p and repetition_penalty apply when sampling."""
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if asked is not None and asked > defaults.max_tokens_limit:
-        raise ApiError(400, f"max_tokens is {asked}, above this server's limit of {defaults.max_tokens_limit} "
-                            "(--max_tokens_limit)", "max_tokens", "max_tokens_too_large")
+        field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        raise ApiError(400, f"{field} is {asked}, above this server's limit of {defaults.max_tokens_limit} "
+                            "(--max_tokens_limit)", field, "max_tokens_too_large")
     max_new = asked if asked is not None else min(defaults.max_new_tokens, defaults.max_tokens_limit)
     if req.temperature is not None:
         mode = "greedy" if req.temperature < MIN_TEMPERATURE else "sample"

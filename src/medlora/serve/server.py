@@ -29,7 +29,11 @@ def api_key(given: str | None) -> str | None:
     key = given if given is not None else os.environ.get(API_KEY_ENV)
     if key is not None and not key.strip():
         raise MedloraError("the API key is empty" + ("" if given is not None else f" (${API_KEY_ENV})"))
-    return key.strip() if key else None
+    key = key.strip() if key else None
+    if key and not (key.isascii() and key.isprintable() and " " not in key):  # clients send it as ASCII
+        raise MedloraError("the API key must be printable ASCII without spaces (an HTTP header carries it)" +
+                           ("" if given is not None else f" (${API_KEY_ENV})"))
+    return key
 
 
 def check_binding(host: str, key: str | None, insecure: bool) -> None:
@@ -67,6 +71,15 @@ def check_options(args) -> None:
                            "or --model NAME for a base model")
     if args.run_dir is not None and not Path(args.run_dir).exists():
         raise MedloraError(f"{args.run_dir}: no such file or folder")
+    # what open_backend would refuse once the port is bound, refused before it is
+    from ..inference.loader import check_backend_choice
+
+    check_backend_choice(args.backend, args.threads)
+    if args.run_dir is not None and Path(args.run_dir).is_file():
+        if not str(args.run_dir).endswith(".gguf"):
+            raise MedloraError(f"{args.run_dir}: a file, not a run or model folder (nor a .gguf file)")
+        if args.backend == "hf":
+            raise MedloraError("a .gguf file runs in llama.cpp only (--backend auto or llamacpp)")
     for name, low in (("port", 0), ("max_queue", 0), ("max_new_tokens", 1), ("max_tokens_limit", 1),
                       ("max_request_bytes", 1024)):
         if getattr(args, name) < low:

@@ -100,10 +100,15 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="medlora-serve-worker", daemon=True)
         self._thread.start()
 
+    def _no_room(self) -> bool:
+        """Up to max_queue requests wait behind the one running; an idle worker always takes one (--max_queue 0:
+        one at a time, none waiting)."""
+        return self.waiting >= self.max_queue and bool(self.waiting or self.running)
+
     def full(self) -> bool:
         """Whether the wait queue is full (counted as a rejection: the caller answers 429)."""
         with self._lock:
-            if self.waiting >= self.max_queue:
+            if self._no_room():
                 self.counts["rejected"] += 1
                 return True
             return False
@@ -111,7 +116,7 @@ class Worker:
     def submit(self, job: Job) -> bool:
         """Queue the job; False when the wait queue is full (the caller answers 429)."""
         with self._lock:
-            if self.waiting >= self.max_queue:
+            if self._no_room():
                 self.counts["rejected"] += 1
                 return False
             self.waiting += 1
