@@ -87,6 +87,12 @@ CASES = {
     "dropout_one": lambda c: train(c, "--lora_dropout", "1"),
     "empty_system_prompt": lambda c: train(c, "--system_prompt", "  "),
     "empty_output_dir": lambda c: train(c)[:-1] + [""],
+    "lr_beyond_float32": lambda c: train(c, "--learning_rate", "1e300"),
+    "lora_r_absurd": lambda c: train(c, "--lora_r", "2147483647"),
+    "threads_absurd": lambda c: train(c, "--num_threads", "100000"),
+    "optim_unknown": lambda c: train(c, "--optim", "sgd_bogus"),
+    "optim_needs_a_package": lambda c: train(c, "--optim", "adamw_8bit"),
+    "output_dir_name_too_long": lambda c: train(c)[:-1] + [str(c.root / ("x" * 300))],
     # argparse: invalid choices, prefixes, missing values, unknown commands
     "precision_choice": lambda c: train(c, "--precision", "fp16"),
     "scheduler_choice": lambda c: train(c, "--lr_scheduler_type", "constant"),
@@ -118,6 +124,11 @@ CASES = {
     "csv_latin1": lambda c: ["train", "--data", c.write("latin.csv", "qtype,Question,Answer\na,caf\xe9?,b\n"
                                                         .encode("latin-1"))],
     "csv_header_only": lambda c: ["train", "--data", c.write("h.csv", "qtype,Question,Answer\n")],
+    "csv_shifted_columns": lambda c: ["train", "--data", c.write("shift.csv", "qtype,Question,Answer\n"
+                                                                 "info,What is A?,Answer A,https://a.org\n")],
+    "csv_name_too_long": lambda c: ["train", "--data", str(c.root / ("x" * 300 + ".csv"))],
+    "check_no_row_fits": lambda c: ["data", "check", str(c.csv), "--model", str(c.tiny), "--max_seq_len", "16"],
+    "check_name_too_long": lambda c: ["data", "check", str(c.root / ("x" * 300 + ".csv"))],
     "csv_one_row": lambda c: ["train", "--data", c.write("one.csv", "qtype,Question,Answer\na,b?,c\n"),
                               "--model", str(c.tiny), "--output_dir", str(c.root / "out")],
     # run folders and --resume
@@ -127,6 +138,7 @@ CASES = {
     "resume_changed_flag": lambda c: ["train", "--resume", c.run_folder(False), "--learning_rate", "1e-3"],
     "resume_finished": lambda c: ["train", "--resume", c.run_folder(True)],
     "resume_no_checkpoint": lambda c: ["train", "--resume", c.run_folder(False)],
+    "resume_elsewhere": lambda c: ["train", "--resume", c.run_folder(False), "--output_dir", str(c.root / "other")],
     # data check
     "check_missing": lambda c: ["data", "check", str(c.root / "nope.csv")],
     "check_max_seq_len": lambda c: ["data", "check", str(c.csv), "--max_seq_len", "0"],
@@ -139,6 +151,11 @@ CASES = {
                                         "--temperature", "0"],
     "chat_top_p": lambda c: ["chat", "--model", str(c.tiny), "-q", "hi", "--top_p", "2"],
     "chat_mode": lambda c: ["chat", "--model", str(c.tiny), "-q", "hi", "--mode", "beam"],
+    "chat_seed_llamacpp_reads_as_random": lambda c: ["chat", "--model", str(c.tiny), "-q", "hi", "--mode", "sample",
+                                                     "--seed", str(2**32 - 1)],
+    "chat_seed_negative": lambda c: ["chat", "--model", str(c.tiny), "-q", "hi", "--seed", "-5"],
+    "chat_greedy_with_temperature": lambda c: ["chat", "--model", str(c.tiny), "-q", "hi", "--mode", "greedy",
+                                               "--temperature", "0.5"],
     "chat_missing_folder": lambda c: ["chat", str(c.root / "nope"), "-q", "hi"],
     "chat_not_a_run": lambda c: ["chat", str(c.empty_dir), "-q", "hi"],
     "chat_empty_emergency_number": lambda c: ["chat", "--model", str(c.tiny), "-q", "hi", "--emergency_number", ""],
@@ -149,6 +166,12 @@ CASES = {
     "eval_negative_samples": lambda c: ["eval", str(c.model_dir), "--samples", "-1"],
     "eval_zero_safety_samples": lambda c: ["eval", str(c.model_dir), "--safety", "--safety_samples", "0"],
     "eval_zero_tokens": lambda c: ["eval", str(c.model_dir), "--max_new_tokens", "0"],
+    # serve: refused before the port opens
+    "serve_zero_threads": lambda c: ["serve", "--model", str(c.tiny), "--threads", "0", "--port", "0"],
+    "serve_key_not_ascii": lambda c: ["serve", "--model", str(c.tiny), "--api_key", "p\u00e4ssw\u00f6rd",
+                                      "--port", "0"],
+    "serve_gguf_with_hf": lambda c: ["serve", c.write("m.gguf", b"GGUF"), "--backend", "hf", "--port", "0"],
+    "serve_a_plain_file": lambda c: ["serve", str(c.file), "--port", "0"],
     "merge_missing": lambda c: ["merge", str(c.root / "nope")],
     "merge_not_a_run": lambda c: ["merge", str(c.model_dir)],
     "merge_a_folder_inside_a_run": lambda c: ["merge", c.inside_run("adapter")],
@@ -387,6 +410,27 @@ def test_a_loss_that_becomes_nan_stops_training_before_its_checkpoint(sample_csv
         assert all(t.isfinite().all() for t in load_file(ckpt / "adapter_model.safetensors").values())
     for path in out.rglob("*.json"):  # every JSON file stays valid JSON (no NaN literal)
         json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
+
+
+def test_a_misspelt_target_module_beside_a_good_one_is_refused(sample_csv, tiny_model_dir, tmp_path, capsys):
+    """peft only complains when no name matches: v_prj beside q_proj would train q_proj alone, silently."""
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(sample_csv), "--model", str(tiny_model_dir), "--output_dir", str(out),
+                 "--target_modules", "q_proj,v_prj", "--max_steps", "1"]) == 2
+    last = message_lines(capsys.readouterr().err)[-1]
+    assert last.startswith("medlora: error: --target_modules: no layer named v_prj in this model (its linear "
+                           "layers: ") and "v_proj" in last
+    assert not out.exists()  # a new run that stopped before its first checkpoint leaves no folder behind
+
+
+def test_chat_refuses_a_question_longer_than_the_context_and_a_temperature_means_sampling(tiny_model_dir, capsys):
+    ask = ["chat", "--model", str(tiny_model_dir), "--backend", "hf", "--max_new_tokens", "2", "-q"]
+    assert main([*ask, "word " * 2100]) == 2  # the tiny Llama holds 2,048 positions
+    last = message_lines(capsys.readouterr().err)[-1]
+    assert re.fullmatch(r"medlora: error: the question takes \d+ tokens with the system prompt, and this model's "
+                        r"context holds 2048: ask a shorter question", last), last
+    assert main([*ask, "hi", "--temperature", "0.9"]) == 0
+    assert re.search(r"\[base model .*, sample, seed \d+\]", capsys.readouterr().err)
 
 
 def test_two_runs_started_together_into_one_folder_get_two_complete_folders(sample_csv, tiny_model_dir, tmp_path):
