@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,14 @@ if WORKER and hasattr(os, "sched_setaffinity"):
     _cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {_cpus[int(WORKER[2:]) % len(_cpus)]})
     os.environ["OMP_NUM_THREADS"] = "1"
+
+# The signal tests play a terminal's Ctrl-C and hang-up. A suite started as a shell script's background job (or under
+# nohup) would pass SIGINT (or SIGHUP) on ignored to every process it starts, and medlora keeps an inherited ignore
+# (medlora.errors.ignored): give the processes the tests start the dispositions a terminal gives them.
+for _sig, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGHUP, signal.SIG_DFL),
+                       (signal.SIGTERM, signal.SIG_DFL)):
+    if signal.getsignal(_sig) == signal.SIG_IGN:
+        signal.signal(_sig, _default)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CSV = ROOT / "data" / "sample_medical_qa.csv"

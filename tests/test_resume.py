@@ -160,6 +160,21 @@ def test_closed_terminal_saves_a_resumable_checkpoint(uninterrupted, sample_csv,
 
 
 @pytest.mark.slow
+def test_nohup_training_outlives_the_hang_up(uninterrupted, sample_csv, tiny_model_dir, tmp_path):
+    """`nohup medlora train ...` is how a run is meant to outlive its terminal: the SIGHUP nohup tells it to ignore
+    neither stops it at a checkpoint nor kills it, and the run ends as the uninterrupted one does."""
+    out = tmp_path / "nohup"
+    proc = subprocess.Popen(["nohup", sys.executable, "-m", "medlora", "train", "--data", str(sample_csv), "--model",
+                             str(tiny_model_dir), "--output_dir", str(out), *TRAIN], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wait_for(out / "checkpoint-2" / "medlora_complete.json", proc)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "SIGHUP" not in err and (out / "metrics.json").is_file(), err[-2000:]
+    assert max_adapter_diff(uninterrupted, out) <= 1e-6
+
+
+@pytest.mark.slow
 def test_a_full_disk_stops_training_in_one_line_and_the_run_resumes(uninterrupted, sample_csv, tiny_model_dir,
                                                                     tmp_path):
     """The disk fills up mid-run: the next checkpoint cannot be written. One line instead of a traceback, naming the

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import stat
 import sys
 
@@ -26,6 +27,13 @@ class Interrupted(MedloraError):
 def log(msg: str) -> None:
     """A progress or warning line on stderr (stdout stays for results: paths, answers, JSON)."""
     print(f"medlora: {msg}", file=sys.stderr, flush=True)
+
+
+def ignored(sig: int) -> bool:
+    """Whether this process was started with ``sig`` ignored: `nohup` ignores SIGHUP, so that training outlives the
+    terminal, and a shell script's background job (`medlora train ... &`) ignores Ctrl-C's SIGINT. medlora keeps
+    that choice instead of taking the signal as a request to stop."""
+    return signal.getsignal(sig) == signal.SIG_IGN
 
 
 def off_the_dead_terminal() -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from ..errors import log, off_the_dead_terminal
+from ..errors import ignored, log, off_the_dead_terminal
 from ..progress import bar
 from ..rundir import RunDir, is_complete, mark_complete
 
@@ -60,7 +60,7 @@ class Interrupt:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handler) for sig in self._signals}
+            self._previous = {sig: signal.signal(sig, self._handler) for sig in self._signals if not ignored(sig)}
         return self
 
     def __exit__(self, *exc):

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import log, off_the_dead_terminal
+from ..errors import ignored, log, off_the_dead_terminal
 from ..rundir import RunDir
 
 # Set by ``launch`` in its workers: the launcher reports a lost peer in one line, so the workers stay quiet, and
@@ -45,7 +45,8 @@ def torchrun_arguments(nproc: int) -> list[str]:
         "--monitor-interval", "0.5",      # the agent notices a dead worker within half a second, stops the rest
         "--local-ranks-filter", "0",      # one process's output: every rank would print the same lines
         "--shutdown-timeout", "300",      # Ctrl-C: the workers finish their sample and checkpoint
-        "--signals-to-handle", "SIGINT,SIGQUIT",  # SIGHUP and SIGTERM: launch() handles them
+        # SIGHUP and SIGTERM: launch() handles them; a SIGINT this process ignores (a script's background job) stays so
+        "--signals-to-handle", "SIGQUIT" if ignored(signal.SIGINT) else "SIGINT,SIGQUIT",
         "-m", "medlora",
     ]
 
@@ -86,7 +87,7 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", LAUNCHED_ENV)}
     os.environ.update({"OMP_NUM_THREADS": str(threads), LAUNCHED_ENV: note})
     previous = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGHUP, hung_up),
-                                                                      (signal.SIGTERM, terminated))}
+                                                                      (signal.SIGTERM, terminated)) if not ignored(sig)}
     log(f"training in {nproc} processes with {threads} thread{'s' * (threads > 1)} each (torch.distributed, gloo)")
     try:
         options = parse_args(torchrun_arguments(nproc))

@@ -30,7 +30,8 @@ from ..config import RESUMABLE_CHANGES, TrainConfig
 from ..cpu import (SpeedPlan, cpu_has_native_bf16, cpu_summary, int8_hint, precision_reason,
                    resolve_checkpointing, resolve_precision)
 from ..data import DataReport, EncodedSplit, encode_frame, split
-from ..errors import Interrupted, MedloraError, log, memory_failure, off_the_dead_terminal, write_failure
+from ..errors import (Interrupted, MedloraError, ignored, log, memory_failure, off_the_dead_terminal,
+                      write_failure)
 from ..model import check_lora_targets, find_lora_targets, load_model, load_tokenizer, resolve_model
 from ..files import crash_point, file_sha256
 from ..rundir import RunDir, check_output_location, claim_output_dir
@@ -394,7 +395,7 @@ def signals_stop(enabled: bool):
             off_the_dead_terminal()
         raise Stopped(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP) if not ignored(sig)}
     try:
         yield
     finally:
