@@ -89,7 +89,7 @@ def ratios_of(results: dict) -> dict:
 def goals_of(results: dict, ratios: dict, args, machine: dict | None = None) -> dict:
     """Issue 5's goals: >= 2.0x reference, >= 1.5x TRL tuned, peak RSS < 20 GB (and issue 14's for int8, and for
     the fastest path on a CPU with native bf16)."""
-    goals = int8_goals(results, ratios) | native_bf16_goal(results, machine or {})
+    goals = int8_goals(results, ratios, machine or {}) | native_bf16_goal(results, machine or {})
     if goals and args.layers != FULL_SIZE_LAYERS:
         goals["note"] = f"measured with --layers {args.layers}; the goals apply to the full-size model"
     if not (tokens_per_s(results, "medlora") and "medlora" in results):
@@ -104,17 +104,21 @@ def goals_of(results: dict, ratios: dict, args, machine: dict | None = None) -> 
     return goals
 
 
-def int8_goals(results: dict, ratios: dict) -> dict:
+def int8_goals(results: dict, ratios: dict, machine: dict) -> dict:
     """Issue 14's goals for --precision int8 on a CPU without native bf16: >= 2.0x reference (stretch 2.5x), peak
-    RSS at most half of the fp32 path's."""
+    RSS at most half of the fp32 path's. On a CPU with native bf16 the figures are shown, marked as not that goal's
+    measurement (they say nothing about a CPU without it)."""
     goals = {}
+    # the goal is for CPUs without native bf16: measured on one with it, the ratio is no evidence for it
+    where = " (goal for CPUs without native bf16; this one has it)" if machine.get("native_bf16") else ""
     if ratios.get("int8_vs_reference") is not None:
         r = ratios["int8_vs_reference"]
-        goals["int8 >= 2.0x reference"] = f"{r}x ({'met' if r >= 2 else 'not met'}{', stretch 2.5x met' if r >= 2.5 else ''})"
+        verdict = f"{'met' if r >= 2 else 'not met'}{', stretch 2.5x met' if r >= 2.5 else ''}"
+        goals[f"int8 >= 2.0x reference{where}"] = f"{r}x ({'not applicable' if where else verdict})"
     rss8, rss32 = (results.get(n, {}).get("peak_rss_gb") for n in ("medlora_int8", "medlora_fp32"))
     if rss8 and rss32:
-        goals["int8 peak RSS <= half of fp32's"] = (f"{rss8} GB vs {rss32} GB "
-                                                   f"({'met' if rss8 <= rss32 / 2 else 'not met'})")
+        verdict = "not applicable" if where else ("met" if rss8 <= rss32 / 2 else "not met")
+        goals[f"int8 peak RSS <= half of fp32's{where}"] = f"{rss8} GB vs {rss32} GB ({verdict})"
     return goals
 
 

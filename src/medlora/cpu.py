@@ -157,7 +157,8 @@ def int8_hint(requested: str, resolved: str) -> str | None:
                 f"without native bf16, {quality}")
     if resolved == "bf16" and not cpu_flags() & {"amx_bf16", "amx_int8"}:
         return ("--precision int8 trained the 1.5B model 1.25x faster than bf16 in 16% less memory on a Zen 4 "
-                f"with native bf16 (the bundled 135M model: as fast as bf16), {quality}")
+                "with native bf16, as fast in 18% less on a Zen 5 (the bundled 135M model: as fast as bf16), "
+                f"{quality}")
     return None
 
 
