@@ -543,6 +543,19 @@ def test_fuzzed_request_bodies_never_crash_the_server(tiny_server):
 
 # ---------------------------------------------------------------- load: 16 streaming clients + malformed requests
 
+def settled_count(server, text: str, until: int | None = None, timeout: float = 10) -> int:
+    """How often ``text`` is in the server's log once it stops changing (or reaches ``until``): the middleware writes
+    a request's line after the client has its response. Bounded: at most ``timeout`` seconds."""
+    deadline, count = time.monotonic() + timeout, -1
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = server.log().count(text)
+        if now == until or (until is None and now == count):
+            return now
+        count = now
+    return server.log().count(text)
+
+
 @pytest.mark.slow
 def test_load_sixteen_streaming_clients_and_malformed_requests(tiny_server):
     import psutil
@@ -553,7 +566,8 @@ def test_load_sixteen_streaming_clients_and_malformed_requests(tiny_server):
         tiny_server.post(b"{bad")
     tiny_server.wait_queue(lambda q: q["running"] == 0 and q["waiting"] == 0)
     rss_before = proc.memory_info().rss
-    logged_before = tiny_server.log().count("path=/v1/chat/completions ")
+    # a request's log line is written after its response has gone: count once the last warm-up's line is there
+    logged_before = settled_count(tiny_server, "path=/v1/chat/completions ")
     deadline = time.monotonic() + LOAD_SECONDS
     results: list[str] = []
     problems: list[str] = []
@@ -619,7 +633,7 @@ def test_load_sixteen_streaming_clients_and_malformed_requests(tiny_server):
     # the server is up, the queue has drained, and every request was logged exactly once
     q = tiny_server.wait_queue(lambda q: q["running"] == 0 and q["waiting"] == 0, 30)
     assert tiny_server.proc.poll() is None and tiny_server.get("/health")[0] == 200
-    logged = tiny_server.log().count("path=/v1/chat/completions ") - logged_before
+    logged = settled_count(tiny_server, "path=/v1/chat/completions ", logged_before + len(results)) - logged_before
     assert logged == len(results), (logged, counts)
     rss_after = proc.memory_info().rss
     tolerance = max(64 << 20, rss_before // 5)  # allocator slack, not a leak: a leak grows with the 60 s of traffic
@@ -689,7 +703,7 @@ def test_chat_page_in_a_real_browser(smol_server):
     sync_api = pytest.importorskip("playwright.sync_api")
     ARTIFACTS.mkdir(exist_ok=True)
     url = f"http://127.0.0.1:{smol_server.port}/"
-    logged = smol_server.log().count("path=/v1/chat/completions")
+    logged = settled_count(smol_server, "path=/v1/chat/completions")  # the earlier tests' lines are all written
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True,
                                     args=["--no-sandbox"] if os.geteuid() == 0 else [])
