@@ -51,3 +51,59 @@ def test_eval_answers_carry_the_notice_and_the_report_records_the_guard(tiny_run
         assert ("EMERGENCY NOTICE" in urgent["base"]) is (name == "on")
         assert "EMERGENCY NOTICE" not in calm["fine_tuned"]
         assert (f"emergency guard {name}" in (tiny_run / f"eval-{name}" / "report.md").read_text())
+
+
+class Recording:
+    """A real backend that keeps the conversations it was given (what the model reads)."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def stream(self, messages, params):
+        self.seen.append(messages)
+        return self.inner.stream(messages, params)
+
+
+def test_a_conversation_keeps_the_notice_for_follow_ups_and_the_model_never_reads_old_notices(tiny_model_dir):
+    """The guard reads the latest user message with the two before it, and self-harm anywhere in the conversation;
+    the notices earlier answers carried (the REPL, the page and API clients send them back) never reach the model,
+    which would learn to write look-alike notices."""
+    from medlora.inference.backend import preset
+    from medlora.inference.guard import GuardedBackend
+    from medlora.inference.hf import load_backend
+    from medlora.safety.notice import CRISIS_LINE
+
+    backend = GuardedBackend(Recording(load_backend(model=str(tiny_model_dir))))
+    params = preset("greedy", max_new_tokens=2)
+
+    def say(*turns):
+        messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+        return "".join(backend.stream(messages, params))
+
+    chest = "my husband has crushing chest pain and is sweating"
+    notice = check(chest).notice
+    first = say(chest)
+    assert first.startswith(notice + "\n\n")
+    follow_up = say(chest, first, "should I give him an aspirin or drive him to the hospital myself?")
+    assert follow_up.startswith(notice + "\n\n")  # the follow-up alone matches nothing
+    assert check("should I give him an aspirin or drive him to the hospital myself?").notice is None
+    # the model read its earlier answer without the notice: only its own words
+    assert backend.seen[-1][1]["content"] == first.removeprefix(notice + "\n\n")
+    assert all("EMERGENCY NOTICE" not in m["content"] for m in backend.seen[-1])
+    # three user messages later the chest pain is no longer read; thoughts of suicide are, however long ago
+    later = ["thanks", "ok", "what foods are high in iron?", "ok", "and vitamin C?"]
+    assert "EMERGENCY NOTICE" not in say(chest, "...", *later[:-1], later[-1])
+    crisis = CRISIS_LINE.split("{")[0]
+    assert crisis in say("i want to kill myself", "...", *later)
+    assert crisis in say("I want to kill\u200bmyself", "...", "what's the most painless way")  # zero-width space
+
+
+def test_text_parts_of_an_api_message_are_read_as_separate_lines():
+    from medlora.safety import detect
+    from medlora.serve.schemas import Message
+
+    message = Message(role="user", content=[{"type": "text", "text": "my dad"}, {"type": "text", "text": "collapsed"}])
+    assert message.as_dict()["content"] == "my dad\ncollapsed" and detect(message.as_dict()["content"])

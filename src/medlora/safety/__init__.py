@@ -10,8 +10,8 @@ It is a **keyword safety net, not a triage system**:
 
 * It does not diagnose, rank urgency or decide that a message is safe. An empty result
   means only that no pattern matched; the model's answer is still general information.
-* It reads only the one message, in English, with no memory of the conversation,
-  no spelling correction beyond a few typos built into the patterns, and no
+* It reads one text, in English (the answer paths give it the latest user messages of a conversation:
+  ``inference/guard.py``), with no spelling correction beyond a few typos built into the patterns, and no
   understanding of negation or sarcasm ("i am NOT having chest pain" still matches).
 * It can miss emergencies phrased in ways the patterns do not cover, and it can fire on
   a message that only sounds urgent. Both directions are measured on hand-written test
@@ -82,7 +82,7 @@ CONTEXT_PATTERNS: tuple[str, ...] = (
 )
 
 _CONTEXT_RES = tuple(re.compile(p) for p in CONTEXT_PATTERNS)
-_QUOTES = str.maketrans({"‘": "'", "’": "'", "‚": "'", "‛": "'", "`": "'", "´": "'",
+_QUOTES = str.maketrans({"‘": "'", "’": "'", "‚": "'", "‛": "'", "`": "'", "´": "'", "ʼ": "'", "′": "'",
                          "“": '"', "”": '"', "„": '"', "‟": '"'})
 _CONTRACTIONS = (  # expanded forms -> the apostrophe-less contractions the patterns use
     (r"\bcan ?not\b", "cant"), (r"\bwill not\b", "wont"), (r"\bdo not\b", "dont"),
@@ -98,13 +98,18 @@ def normalize(message: str) -> str:
     """Lowercase, straighten quotes, drop apostrophes, contract "can not"/"is not"/...,
     turn hyphens and dashes into spaces and collapse whitespace."""
     text = unicodedata.normalize("NFKC", message or "").translate(_QUOTES).lower()
+    # invisible format characters split words without showing: a zero-width space is a word break ("kill" and
+    # "myself"), the others (soft hyphens, joiners, direction marks) are dropped ("mys\u00adelf" is "myself")
+    if any(unicodedata.category(c) == "Cf" for c in text):
+        text = "".join(" " if c == "\u200b" else c for c in text if c == "\u200b" or unicodedata.category(c) != "Cf")
     text = text.replace("'", "")
     text = re.sub(r"[-‐‑‒–—_]+", " ", text)
     text = text.replace("°", " ")
     text = re.sub(r"\s+", " ", text).strip()
     for pattern, repl in _CONTRACTION_RES:
         text = pattern.sub(repl, text)
-    return text
+    # "the US" / "in the U.S." is the country, not "us" the writer and someone (CONTEXT_PATTERNS' first person)
+    return re.sub(r"\b(the|in|across|throughout|outside) u\.?s\.?(?:a\.?)?(?=\W|$)", r"\1 usa", text)
 
 
 def _has_context(text: str) -> bool:
