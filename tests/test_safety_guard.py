@@ -173,7 +173,7 @@ def test_format_answer():
 def test_notice_and_patterns_live_only_in_safety_module():
     # substrings of the notice text and of the pattern source that nothing else should carry
     distinctive = ["EMERGENCY NOTICE", "medlora safety guard", "call or text a crisis line now",
-                   r"kill(?:ing)?", r"having (?:a |another )?heart attack"]
+                   r"kil+(?:ing)?", r"(?:heart|hart) ?at+a?c?k"]
     offenders = []
     for path in sorted(SRC_DIR.rglob("*.py")):
         if path.parent.name == "safety":

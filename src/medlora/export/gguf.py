@@ -340,7 +340,10 @@ def modelfile_text(gguf_file: str, chat_template: str, system_prompt: str, vocab
 
     if '"""' in system_prompt:
         raise MedloraError(f'the system prompt contains """, which an Ollama {MODELFILE} cannot quote')
-    lines = [f"{MODELFILE_MARK}: ollama create NAME -f THIS_FILE", f"FROM ./{gguf_file}"]
+    lines = [f"{MODELFILE_MARK}: ollama create NAME -f THIS_FILE",
+             "# medlora's emergency guard does not run in Ollama: its notice for red-flag messages (crushing chest",
+             "# pain, thoughts of suicide, ...) comes only from medlora chat or medlora serve",
+             f"FROM ./{gguf_file}"]
     if "<|im_start|>" in chat_template and "<|im_end|>" in vocab:
         lines.append(f'TEMPLATE """{_CHATML_TEMPLATE}"""')
     else:

@@ -14,7 +14,8 @@ from .notice import CRISIS_LINE, POISON_CONTROL
 
 _CHEST = r"(?:chest|chset|chets|chestt|ches)"
 _BELLY = r"(?:stomach|stomache|stomch|belly|abdomen|abdominal|tummy|gut)"
-_SEIZ = r"(?:seizures?|seizing|fits?|fitting|convulsions?|convulsing)"
+_SEIZ = r"(?:seizures?|seizing|siezures?|siezing|sezures?|seisures?|fits?|fitting|convulsions?|convulsing)"
+_HEART_ATTACK = r"(?:heart|hart) ?at+a?c?k"  # "heart attack", "heartattack", "hart attack", "heart atack"
 _SUDDEN = (
     r"\b(?:sudden|suddenly|all of a sudden|out of nowhere|out of the blue|just now|"
     r"minutes? ago|mins? ago|an hour ago|one side|half)\b"
@@ -34,7 +35,8 @@ _POISON = (
     r"cleaning (?:product|fluid|liquid|spray)s?|(?:rat |mouse )?poison|weed ?killer|"
     r"pesticides?|insecticides?|lighter fluid|gasoline|petrol|lamp oil|paraffin|kerosene|"
     r"wild mushrooms?|poisonous \w+|nail polish remover|e liquid|vape (?:juice|liquid)|"
-    r"chemicals?|mouthwash|hand saniti[sz]er)"
+    r"chemicals?|mouthwash|hand saniti[sz]er|bleech|(?:windshield |windscreen )?washer fluid|methanol|"
+    r"(?:weed |thc |cannabis )?edibles?|(?:weed|thc|cannabis) gumm(?:y|ies))"
 )
 _BREATHLESS = (
     r"(?:short(?:ness)? of breath|breathless\w*|out of breath|"
@@ -90,17 +92,40 @@ RED_FLAGS: tuple[RedFlag, ...] = (
         "thoughts of suicide or self-harm",
         advice=CRISIS_LINE,
         rules=(
-            _alone(r"\bkill(?:ing)? (?:my ?self|myself)\b"),
+            _alone(r"\bkil+(?:ing)? (?:my ?self|myself)\b"),
+            _alone(r"\b(?:hang|hanging|shoot|shooting|stab|stabbing|drown|drowning|starve|starving|"
+                   r"poison|poisoning|unalive|unaliving) ?my ?self\b|\bunalive\b"),
+            _alone(r"(?<!\d)(?<!\d )\bkms\b(?! (?:away|from|per|an hour|a day|to|of|on|in|north|south|east|west))"),
+            _alone(r"\b(?:painless|easiest|easy|quickest|quick|fastest|best|surest|least painful) ways? to "
+                   r"(?:die|kill (?:my ?self|yourself|oneself)|end (?:it|my life|your life)|commit suicide)\b"),
+            _alone(r"\bhow (?:many|much)\b.{0,40}\b(?:to die|kill (?:me|myself|a person|someone)|"
+                   r"(?:to )?(?:not|never) wake up)\b"),
+            _alone(r"\b(?:nothing|no one|nobody|noone) (?:left )?to live for\b|\brather be dead\b"),
+            _alone(r"\b(?:going to|gonna|will|want to|planning to|about to) (?:take|swallow) (?:all|every one) "
+                   rf"(?:of )?(?:my|the|his|her) (?:\w+ )?{_DRUG}"),
+            _alone(r"\b(?:overdos\w*|od)\b.{0,30}\b(?:on purpose|intentionally|deliberately|to die|to end it)\b"),
+            _alone(r"\b(?:suicide|goodbye) (?:note|notes|letter|letters)\b"),
             _alone(r"\b(?:end|ending|take|taking) (?:my (?:own )?life|it all)\b"),
             _alone(r"\bbetter off (?:without me|dead|if i (?:was|were) (?:dead|gone))"),
             _alone(r"\b(?:dont|doesnt) want to (?:be here|live|be alive|exist|go on)\b"),
             _alone(r"\bwish (?:i|he|she) (?:was|were|could be) dead\b"),
             _ctx(
+                r"(?<!like im )(?<!like hes )(?<!like shes )(?<!like i am )"  # "feel like im going to die": dread
                 r"\b(?:want|wants|wanna|wanted|wish|wishes|wishing|going|gonna|ready|plan"
                 r"|planning) (?:to )?(?:die|be dead|not be alive|not exist|not wake up)\b"
                 r"(?! (?:my|her|his|their|your|the) hair)"
             ),
-            _ctx(r"\bsuicid\w*"),
+            _ctx(r"\b(?:suicid\w*|sucid\w*|suicd\w*|suiside\w*|sucide\w*)"),
+            _ctx(r"\b(?:cut|cutting|burn|burning) (?:my ?self|myself)\b"
+                 r"(?! (?:shaving|cooking|chopping|on|while|by accident|accidentally|"
+                 r"with a (?:kitchen )?knife while))"),
+            _ctx(r"\bjump\w* (?:off|from|in front of)\b.{0,25}\b(?:bridge|building|roof|balcony|cliff|train|"
+                 r"car|bus|tower|window|overpass|ledge)"),
+            _ctx(r"\b(?:not|isnt|no longer|aint) worth living\b|\bdone with (?:life|living|it all)\b|"
+                 r"\b(?:i|we) should (?:just )?(?:die|be dead)\b(?! (?:my|her|his|the|their) hair)|"
+                 r"\b(?:disappear|sleep) forever\b|\b(?:dont|doesnt) want to wake up\b|"
+                 r"\bvoices? (?:telling|tell|told|tells) (?:me|him|her|them) to (?:die\b|(?:kill|hurt|harm) "
+                 r"(?:my|him|her|them)sel(?:f|ves)\b)"),
             _ctx(r"\b(?:i|im|ive|been|keep|keeps|started|still|is|hes|shes|are|was) (?:\w+ )?"
                  r"self harm\w*|\b(?:cutting|hurting|harming) (?:my|him|her|them)sel(?:f|ves)\b"),
             _ctx(r"\bcant go on\b(?: anymore| any more| like this| living|$|[.,!])"),
@@ -125,7 +150,8 @@ RED_FLAGS: tuple[RedFlag, ...] = (
             # "took like 20 tylenol", "took too many pills", "took a bunch of xanax"
             _ctx(rf"\b(?:took|taken|swallowed|ate|eaten|had|popped|downed)\b.{{0,20}}"
                  rf"\b(?:too many|a (?:bunch|handful|load|lot)|loads|lots|"
-                 rf"[1-9]\d+|ten|twenty|thirty|forty|fifty)\b.{{0,25}}\b{_DRUG}\b"),
+                 rf"[1-9]\d{{1,2}}(?!\d| ?(?:years?|yrs?|months?|weeks?|days?|hours?|hrs?|mins?|minutes?|"
+                 rf"times|mg|mcg|ml|%))|ten|twenty|thirty|forty|fifty)\b.{{0,25}}\b{_DRUG}\b"),
             _ctx(r"\boverdos\w*|\bod(?:d|ed|ing)\b"),
             _ctx(rf"\b(?:drank|drunk|drink|drinking|swallowed|swallow|swallowing|ate|eaten|"
                  rf"eating|bit|bitten|biting|chewed|chewing|licked|sucked|got into|into|"
@@ -134,7 +160,18 @@ RED_FLAGS: tuple[RedFlag, ...] = (
             _ctx(rf"\b(?:ate|eaten|eat|swallowed|chewed|got into|into)\b.{{0,30}}\b{_DRUG}\b",
                  r"\b(?:son|daughter|kid|kids|child|toddler|baby|boy|girl)\b|"
                  r"\b\d+ (?:year|yr|month) old\b"),
+            _ctx(rf"\b(?:took|taken|swallowed|ate|eaten|given|gave)\b.{{0,30}}\b{_DRUG}\b.{{0,30}}"
+                 r"\b(?:by mistake|by accident|accidentally|not (?:his|hers|theirs|mine))\b"),
             _ctx(r"(?<!food )\bpoisoned\b"),
+            _ctx(r"\b(?:took|taken|gave|given|had|swallowed)\b.{0,25}\b(?:double|triple|twice|wrong)\b.{0,10}"
+                 r"\b(?:dose|doses|dosage|amount|pills?|meds)\b"),
+            _ctx(r"\b(?:drank|downed|drunk|finished)\b.{0,30}\b(?:bottle|fifth|litre|liter|handle|whole|lot)\b"
+                 r".{0,20}\b(?:vodka|whisky|whiskey|rum|gin|tequila|alcohol|liquor|spirits)\b",
+                 r"\b(?:pass\w* out|unconscious|wont wake|cant wake|vomit\w*|throw\w* up|threw up|puk\w*|"
+                 r"breath\w*|blue|cold)\b"),
+            _ctx(r"\b(?:bit|bitten|stung) by (?:a |an )?(?:\w+ )?(?:snake|rattlesnake|rattler|viper|adder|cobra|"
+                 r"copperhead|cottonmouth|black widow|brown recluse|funnel web|scorpion|stonefish|jellyfish)\b|"
+                 r"\b(?:snake|rattlesnake|rattler|viper|adder|cobra|copperhead) bit(?:e)?\b"),
             _ctx(r"\bcarbon monoxide\b|\bco (?:alarm|detector)\b",
                  r"\b(?:alarm|detector|going off|beeping|dizzy|headache|sick|nause\w*|faint\w*|"
                  r"confus\w*|drowsy|pass\w* out|collapsed)\b"),
@@ -147,10 +184,17 @@ RED_FLAGS: tuple[RedFlag, ...] = (
         "chest_pain",
         "chest pain or a possible heart attack",
         rules=(
-            _ctx(r"\bhaving (?:a |another )?heart attack\b"),
+            _ctx(rf"\bhaving (?:a |another )?{_HEART_ATTACK}\b"),
             _ctx(r"\b(?:think|thinks|thought|feels? like|might be|may be|could be)\b"
-                 r".{0,30}\bheart attack\b"),
-            _ctx(rf"\b{_CHEST}\b.{{0,25}}\b(?:pain|pains|hurt|hurts|hurting|pressure|tight|"
+                 rf".{{0,30}}\b{_HEART_ATTACK}\b"),
+            _ctx(rf"\b(?:heavy|heaviness|tight|tightness|pressure|crushing|squeezing)\b.{{0,25}}\b{_CHEST}\b"),
+            _ctx(r"\b(?:left )?arm\b.{0,30}\bjaw\b|\bjaw\b.{0,30}\b(?:left )?arm\b",
+                 r"\b(?:pain|hurts?|ache|aching|sweat\w*|clammy|faint\w*|pass out|sick)\b"),
+            _ctx(r"\bmy heart (?:hurts|is hurting|aches|pains)\b|\b(?:tearing|ripping) (?:pain|feeling)\b"),
+            _ctx(r"\bheart (?:is )?(?:racing|pounding|beating (?:so |really |very )?fast)\b|"
+                 r"\b(?:1[5-9]\d|2\d\d) ?bpm\b",
+                 r"\b(?:faint\w*|pass\w* out|passing out|dizzy|lightheaded|light headed|chest|short of breath)\b"),
+            _ctx(rf"\b{_CHEST}\b.{{0,25}}\b(?:pain|pains|pian|hurt|hurts|hurst|hurting|pressure|tight|"
                  rf"tightness|crush\w*|squeez\w*|heav\w*|elephant|weight|ache|aching)\b"),
             _ctx(rf"\b(?:pain|pains|pressure|tightness|heaviness|crushing|squeezing)\b"
                  rf".{{0,15}}\bin (?:the |my |his |her |their )?{_CHEST}\b"),
@@ -161,7 +205,15 @@ RED_FLAGS: tuple[RedFlag, ...] = (
         "stroke",
         "a possible stroke",
         rules=(
-            _ctx(r"\bhaving (?:a |another )?stroke\b"),
+            _ctx(r"\bhaving (?:a |another )?(?:stroke|stoke)\b"),
+            _ctx(r"\b(?:numb\w*|weak\w*|tingl\w*|paraly\w*|no feeling)\b.{0,25}\b(?:arm|leg|face|side|hand)\b",
+                 _SUDDEN),
+            _ctx(r"\b(?:lost (?:\w+ ){0,2}(?:vision|sight)|blind in (?:one|my|his|her|the) (?:\w+ )?eye|"
+                 r"(?:vision|sight) (?:went|going|turned|has gone) (?:black|dark|blurry|out)|"
+                 r"curtain (?:coming |came |falling |fell )?(?:down )?over)",
+                 _SUDDEN + r"|\bcurtain\b|\bone eye\b"),
+            _ctx(r"\bcant (?:walk straight|stand up straight|keep (?:his|her|my|their) balance)\b|"
+                 r"\b(?:stumbling|staggering|lost (?:his|her|my|their) balance)\b", _SUDDEN),
             _ctx(r"\b(?:think|thinks|might be|may be|could be|looks like)\b.{0,30}\bstroke\b"),
             _ctx(r"\b(?:face|mouth|smile|lips?|eye)\b.{0,25}\bdroop\w*|"
                  r"\bdroop\w*\b.{0,25}\b(?:face|mouth|smile|lips?|one side)\b"),
@@ -169,6 +221,7 @@ RED_FLAGS: tuple[RedFlag, ...] = (
             _ctx(r"\b(?:talking|speaking|speech|talks|sounds|words)\b.{0,15}\b(?:funny|weird|"
                  r"strange|odd|garbled|jumbled|wrong|gibberish|mixed up)\b"),
             _ctx(r"\bcant (?:speak|talk)\b", _SUDDEN + r"|\b(?:properly|clearly|right)\b"),
+            _ctx(r"\b(?:cant|doesnt|dont|isnt) understand(?:ing)? (?:what|me|anything|us|words)\b", _SUDDEN),
             _ctx(r"\bcant (?:move|lift|feel|use|raise)\b.{0,20}\b(?:arm|leg|hand|face|side)\b"),
             _ctx(r"\b(?:face|arm|leg|hand|side)\b.{0,20}\b(?:numb|weak|limp|dead)\b", _SUDDEN),
             _ctx(r"\b(?:sudden|suddenly)\b.{0,30}\b(?:blind|lost (?:my|his|her) vision|cant see)\b"),
@@ -226,6 +279,9 @@ RED_FLAGS: tuple[RedFlag, ...] = (
                  r"\b(?:cant|unable to|not|no) (?:breath\w*|cough\w*|talk|speak|swallow)|"
                  r"\bblue\b|\bgasping\b|\bdrool\w*"),
             _ctx(r"\bgagging\b", r"\b(?:turn\w* blue|blue|cant breath\w*|not breathing)\b"),
+            _ctx(r"\b(?:swallowed|inhaled|stuck)\b.{0,30}\b(?:coin|toy|lego|marble|bead|grape|nut|peanut|bone|"
+                 r"piece of|button|bottle cap|cap|balloon)\b",
+                 r"\b(?:gagging|drool\w*|cant swallow|wont swallow|retching|wheez\w*|coughing and)\b"),
         ),
     ),
     RedFlag(
@@ -235,7 +291,9 @@ RED_FLAGS: tuple[RedFlag, ...] = (
             _ctx(r"\bcollapsed\b(?! lung)|\bunconscious\b|\bunresponsive\b|\bout cold\b|"
                  r"\bno pulse\b|\b(?:not|isnt|stopped) breathing\b|"
                  r"\b(?:is|went|gone|goes|and) limp\b|"
-                 r"\bhasnt (?:come|woken) (?:round|around|to|up)\b"),
+                 r"\bhasnt (?:come|woken) (?:round|around|to|up)\b|"
+                 r"\bbarely (?:responsive|responding|conscious|awake)\b|\b(?:fainted|passed out) and "
+                 r"(?:is |hes |shes )?still out\b|^(?:my|his|her|our) \w+ (?:just )?(?:passed out|fainted)\b"),
             _ctx(r"\b(?:wont|cant|doesnt|isnt|not|unable to) (?:wake|waking|rouse|respond\w*)\b"
                  r"(?!(?: up)? (?:for|in time|early|on time|to (?:treatment|medication|meds|chemo|"
                  r"antibiotics|therapy|texts|calls|messages|emails)))"),
@@ -250,6 +308,7 @@ RED_FLAGS: tuple[RedFlag, ...] = (
                  r"\b(?:cant|couldnt) (?:get|make) (?:the |it )?(?:bleeding )?(?:to )?stop\b",
                  r"\b(?:bleed\w*|blood)\b"),
             _ctx(r"\b(?:spurt|gush|pump|pour|squirt|soak)\w*", r"\b(?:blood|bleed\w*)\b"),
+            _ctx(r"\bbleed\w*\b.{0,50}\b(?:wont|doesnt|isnt|hasnt|not|cant|never) (?:stop\w*|slow\w*)\b"),
             _ctx(r"\bblood (?:is )?everywhere\b|\b(?:lots|loads|a lot|so much|too much) of blood\b"
                  + _NOT_A_BLOOD_TEST + r"|\blosing (?:a lot of |lots of |so much )?blood\b"
                  + _NOT_A_BLOOD_TEST),
@@ -288,6 +347,9 @@ RED_FLAGS: tuple[RedFlag, ...] = (
                  r"(?:face|hands)\b.{0,15}\b(?:swollen|swelling|puffy)|seizure|fit|convuls\w*|"
                  r"(?:severe|bad|really bad|sharp|stabbing|terrible|constant) (?:\w+ )?"
                  r"(?:pain|cramp\w*)|pain on one side|faint\w*|passed out|fever)\b"),
+            _ctx(r"\b(?:[2-9]|[12]\d|3[0-6]) ?(?:weeks|wks)\b",
+                 r"\bwater (?:has )?(?:broke|broken|breaking)\b|\bbaby (?:hasnt|has not|isnt|stopped|not|no longer)"
+                 r" (?:\w+ )?(?:mov\w*|kick\w*)|\b(?:bleed\w*|contractions)\b"),
             _ctx(r"\b(?:see|feel|can see|can feel) (?:the )?(?:umbilical )?cord\b|"
                  r"\bcord (?:is )?(?:coming|hanging|sticking) out\b|\bprolapsed cord\b"),
             _ctx(r"\b(?:gave birth|had (?:my|the|a|our) baby|delivered|postpartum|post partum|"
@@ -386,7 +448,7 @@ RED_FLAGS: tuple[RedFlag, ...] = (
                  r"blacked out|knocked out|unconscious|out cold|blood thinners?|warfarin|eliquis|"
                  r"xarelto|anticoagulant\w*|sleepy|drowsy|wont wake|hard to wake|fluid|pupils?|"
                  r"seizure|fit|slurr\w*|(?:bad|severe|worst|terrible|really bad) headache|"
-                 r"cant remember|memory|numb)\b"),
+                 r"cant remember|memory|numb|not making sense|making no sense|not acting right|acting strange)\b"),
             _ctx(r"\bclear fluid\b.{0,30}\b(?:nose|ears?)\b"),
         ),
     ),
@@ -402,6 +464,9 @@ RED_FLAGS: tuple[RedFlag, ...] = (
             _ctx(r"\b(?:boiling|scalding|hot) (?:water|oil|tea|coffee|soup|liquid)\b|\bscald\w*",
                  r"\b(?:blister\w*|skin (?:is )?(?:peel\w*|coming off|white)|baby|infant|"
                  r"toddler|kid|child|son|daughter)\b"),
+            _ctx(r"\b(?:bleach|bleech|acid|chemicals?|cleaner|lye|ammonia|oven cleaner|drain cleaner|"
+                 r"pepper spray|caustic)\b.{0,40}\b(?:eye|eyes)\b|\b(?:eye|eyes)\b.{0,30}\b(?:bleach|acid|"
+                 r"chemicals?|lye|ammonia|caustic)\b"),
             _ctx(r"\belectr\w* (?:shock|shocked|burn)\b|\belectrocut\w*|\bshocked by\b|"
                  r"\bstruck by lightning\b"),
             _ctx(r"\b(?:breathed|breathing|inhaled|inhaling|swallowed) (?:in )?(?:a lot of |lots of |"
@@ -445,6 +510,60 @@ RED_FLAGS: tuple[RedFlag, ...] = (
                  rf"\b{_BELLY}\b.{{0,30}}\bright side\b|\blower right\b",
                  r"\b(?:fever|temperature|cant (?:stand|walk|move)|vomit\w*|throw\w* up|"
                  r"getting worse|when i (?:walk|move|cough))\b"),
+        ),
+    ),
+    RedFlag(
+        "infant_unwell",
+        "a very unwell baby (floppy, not feeding, a bulging soft spot, hard to wake)",
+        rules=(
+            _ctx(r"\b(?:baby|babys|infant|newborn|\d{1,2} ?(?:weeks?|wks?|months?|mos?) old)\b",
+                 r"\b(?:floppy|limp|(?:wont|not|isnt|stopped|refusing to|refuses to) (?:feed\w*|eat\w*|drink\w*|"
+                 r"nurs\w*|wake|waking)|soft spot (?:is )?(?:bulg\w*|swollen|raised|sunken)|bulging (?:soft spot|"
+                 r"fontanelle)|(?:hard|difficult) to wake|high pitched cr\w*|no wet (?:nappies|diapers))\b"),
+        ),
+    ),
+    RedFlag(
+        "testicular_pain",
+        "sudden testicle pain (a possible twisted testicle)",
+        rules=(
+            _ctx(r"\b(?:testicles?|testes|testis|balls|scrotum|nuts)\b",
+                 r"\b(?:sudden|suddenly|severe|really bad|very bad|so bad|excruciating|unbearable|agoni\w*|worst|"
+                 r"swollen|swelling|throw\w* up|threw up|vomit\w*)\b",
+                 r"\b(?:pain|painful|hurts?|hurting|ache|aching|swollen|swelling)\b"),
+        ),
+    ),
+    RedFlag(
+        "near_drowning",
+        "a near-drowning",
+        rules=(
+            _ctx(r"\b(?:pulled|dragged|got|fished|rescued)\b.{0,25}\bout of (?:the )?(?:pool|water|lake|river|sea|"
+                 r"ocean|bath|bathtub|tub|pond)\b|\b(?:nearly|almost) drown\w*|\bdrowning\b|\bunder ?water\b.{0,20}"
+                 r"\b(?:minutes?|mins?|seconds|too long)\b|"
+                 r"\bface down in (?:the )?(?:pool|water|bath|bathtub|tub|pond)\b|"
+                 r"\bfound (?:\w+ )?in the (?:pool|bath|bathtub|tub|pond)\b"),
+        ),
+    ),
+    RedFlag(
+        "spinal_injury",
+        "a possible neck or back (spinal) injury",
+        rules=(
+            _ctx(r"\b(?:cant (?:feel|move)|no feeling in|numb\w*|tingl\w*) (?:in )?(?:my |his |her |their |both )?"
+                 r"(?:legs|arms|feet|toes|hands|body)\b|"
+                 r"\b(?:legs|arms|feet|hands)\b.{0,20}\b(?:numb|tingl\w*|paraly\w*)",
+                 r"\b(?:fell|fall|fallen|falling|crash\w*|accident|dove|dived|diving|thrown|landed|hit by|tackled)\b"),
+        ),
+    ),
+    RedFlag(
+        "violence",
+        "a threat of violence",
+        rules=(
+            _ctx(r"\b(?:threaten\w*|going|gonna|trying|tried|wants?) to (?:kill|hurt|strangle|stab|shoot) "
+                 r"(?:me|us|my|his|her|their|the kids|our|him|them)\b(?! (?:nerves?|hair|plants?|weeds?|bacteria|germs|"
+                 r"infection|virus|cancer|pain))",
+                 r"\b(?:husband|wife|partner|boyfriend|girlfriend|ex|dad|father|mom|mother|son|daughter|brother|"
+                 r"sister|neighbou?r|roommate|flatmate|he|she|they|someone|somebody|man|guy|voices?)\b"),
+            _ctx(r"\bvoices? (?:telling|tell|told|tells) (?:me|him|her|them) to (?:kill|hurt|harm|attack|stab) "
+                 r"(?:people|someone|others|somebody|him|her|them|my|the)\b"),
         ),
     ),
 )
