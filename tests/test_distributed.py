@@ -111,14 +111,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_machines(train_args: list[str], logs: list[tuple[Path, Path]], environment: dict) -> list[subprocess.Popen]:
+def two_machines(train_args: list[str], logs: list[tuple[Path, Path]], environment: dict,
+                 second_only: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     """Two torchrun launches, one per "machine", meeting at a c10d rendezvous on 127.0.0.1 (the README's
-    multi-machine command), each writing its stdout and stderr to its pair of ``logs``; waits for both (bounded)."""
+    multi-machine command), each writing its stdout and stderr to its pair of ``logs``; waits for both (bounded).
+    ``second_only``: options given to the second machine alone."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "medlora-test",
               "--local-addr", "127.0.0.1", "-m", "medlora", "train", *train_args]
-    machines = [subprocess.Popen(launch, stdout=out.open("w"), stderr=err.open("w"), env=environment)
-                for out, err in logs]
+    machines = [subprocess.Popen(launch + (list(second_only) if i else []), stdout=out.open("w"), stderr=err.open("w"),
+                                 env=environment) for i, (out, err) in enumerate(logs)]
     try:
         for m in machines:
             m.wait(timeout=300)
@@ -202,6 +204,39 @@ def error_lines(text: str) -> list[str]:
     return [line for line in re.split(r"[\r\n]", text) if line.startswith("medlora: error:")]
 
 
+def test_a_job_that_dies_before_its_first_checkpoint_leaves_no_run_folder(sample_csv, tiny_model_dir, tmp_path):
+    """As in one process: a new run under --nproc that stops before its first complete checkpoint can never be
+    resumed, so what rank 0 wrote and the lock its process left are removed, and the line says to start again."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "medlora", "train", *recipe(sample_csv, tiny_model_dir),
+                           "--output_dir", str(out), "--nproc", "2"], capture_output=True, text=True, timeout=300,
+                          env=env(MEDLORA_TEST_CRASH_AT="step:1:rank1"))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert error_lines(proc.stderr)[-1].endswith(
+        f"It stopped before the first checkpoint, so there is nothing to resume ({out} removed): start the run again")
+    assert not out.exists()
+
+
+def test_machines_started_with_different_options_stop_in_one_line_before_training(sample_csv, tiny_model_dir,
+                                                                                  tmp_path):
+    """A flag given on one machine and not the other would silently train two different adapters (a learning
+    rate), split the data differently (a seed), hang until gloo's 30-minute timeout (max_steps) or end in a DDP
+    traceback (lora_r): every process stops at once with one line naming the options that differ."""
+    out = tmp_path / "run"
+    logs = [(tmp_path / f"machine{i}.out", tmp_path / f"machine{i}.err") for i in range(2)]
+    machines = two_machines(recipe(sample_csv, tiny_model_dir) + ["--output_dir", str(out)], logs, env(),
+                            second_only=("--learning_rate", "0.1", "--lora_r", "16"))
+    assert all(m.returncode != 0 for m in machines)
+    for _, err in logs:
+        lines = error_lines(err.read_text())
+        assert lines == ["medlora: error: the training processes were started with different options: learning_rate "
+                         "(rank 0: 0.0002, rank 1: 0.1); lora_r (rank 0: 8, rank 1: 16). Start every machine with "
+                         "the same options"], err.read_text()[-3000:]
+        frames = [line for line in err.read_text().splitlines() if line.strip().startswith("File ")]
+        assert not [f for f in frames if "medlora" in f], frames  # plain torchrun prints its own traceback
+    assert not out.exists()  # nothing was claimed
+
+
 def test_a_dead_machine_ends_the_other_machines_process_in_one_line(sample_csv, tiny_model_dir, tmp_path):
     """Two torchrun "machines" on loopback (the multi-machine command of the README); machine 1's process dies
     (SIGKILL after step 3). Machine 0's process finds its peer gone at the next collective and says so in one line
@@ -217,7 +252,7 @@ def test_a_dead_machine_ends_the_other_machines_process_in_one_line(sample_csv, 
     assert len(lines) == 1, err[-3000:]
     assert lines[0].startswith("medlora: error: training process rank 0 lost contact with the other processes (")
     assert lines[0].endswith(f"); the job stops. Resume from the last complete checkpoint (checkpoint-2) with: "
-                             f"medlora train --resume {out} (any --nproc)")
+                             f"medlora train --resume {out} (--nproc 1, 2 or 4)")
     frames = [line for line in err.splitlines() if line.strip().startswith("File ")]  # torchrun's own traceback
     assert not [f for f in frames if "medlora" in f], frames
     assert (out / "checkpoint-2" / "medlora_complete.json").exists() and not (out / "metrics.json").exists()
@@ -309,6 +344,6 @@ def test_a_signal_to_the_launcher_ends_the_job_at_a_checkpoint_that_resumes(how,
         assert f"stopped at step 2/{steps}; checkpoint saved in {out}" in err
         assert err.strip().splitlines()[-1] == (f"medlora: stopped by {sig.name}. Resume from the last complete "
                                                 f"checkpoint (checkpoint-2) with: medlora train --resume {out} "
-                                                "(any --nproc)")
+                                                "(--nproc 1, 2, 4, 8 or 16)")
     assert main(["train", "--resume", str(out)]) == 0
     assert json.loads((out / "metrics.json").read_text())["train_steps"] == steps

@@ -172,6 +172,7 @@ CASES = {
                                       "--port", "0"],
     "serve_gguf_with_hf": lambda c: ["serve", c.write("m.gguf", b"GGUF"), "--backend", "hf", "--port", "0"],
     "serve_a_plain_file": lambda c: ["serve", str(c.file), "--port", "0"],
+    "train_torchrun_option": lambda c: ["train", "--data", str(c.csv), "--nproc_per_node", "2"],
     "merge_missing": lambda c: ["merge", str(c.root / "nope")],
     "merge_not_a_run": lambda c: ["merge", str(c.model_dir)],
     "merge_a_folder_inside_a_run": lambda c: ["merge", c.inside_run("adapter")],
@@ -580,3 +581,46 @@ def test_a_loss_curve_that_cannot_be_drawn_is_a_warning(tmp_path, capsys):
     assert "warning: could not draw loss_curve.png (" in capsys.readouterr().err
     plot_loss_curve(history, tmp_path / "loss_curve.png")
     assert (tmp_path / "loss_curve.png").read_bytes()[:4] == b"\x89PNG" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_resume_under_nproc_is_checked_against_the_runs_own_accumulation(tiny_run, tmp_path, capsys):
+    """gradient_accumulation_steps cannot change on resume, so --nproc must divide the run's own (not the default
+    16): a run made with 4 resumes in 2 or 4 processes, one made with 1 is refused in one line before any worker
+    starts, naming the process counts that can continue it."""
+    import shutil
+
+    from medlora.cli import build_parser, parse_args
+    from medlora.training.inputs import resume_config
+
+    run = tmp_path / "ga4"
+    shutil.copytree(tiny_run, run)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("gradient_accumulation_steps: 1", "gradient_accumulation_steps: 4"))
+    for n in (2, 4):
+        cfg = resume_config(parse_args(build_parser(), ["train", "--resume", str(run), "--nproc", str(n)]))
+        assert cfg.nproc == n and cfg.gradient_accumulation_steps == 4
+    assert main(["train", "--resume", str(run), "--nproc", "3"]) == 2
+    err = capsys.readouterr().err
+    assert message_lines(err) == ["medlora: error: --resume --nproc 3: this run accumulates 4 samples per optimizer "
+                                  "step (gradient_accumulation_steps 4, which a resume keeps), and each process takes "
+                                  "an equal share; --nproc 2, 4 or 1 can continue it"], err
+    assert main(["train", "--resume", str(tiny_run), "--nproc", "2"]) == 2
+    assert "only one process can continue it (drop --nproc)" in capsys.readouterr().err
+    assert "training in" not in err
+
+
+def test_leftover_torchrun_variables_are_one_line(tmp_path, monkeypatch, capsys):
+    """WORLD_SIZE and LOCAL_RANK exported by hand or left from another job, without the rest of torchrun's set:
+    torch and transformers would fail with a traceback, or wait for peers that never come."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    csv_file = tmp_path / "qa.csv"
+    csv_file.write_text("qtype,Question,Answer\ninformation,What is it?,A thing.\n")
+    assert main(["train", "--data", str(csv_file), "--nproc", "2", "--output_dir", str(tmp_path / "run")]) == 2
+    assert message_lines(capsys.readouterr().err) == [
+        "medlora: error: the environment sets LOCAL_RANK, WORLD_SIZE but not RANK, MASTER_ADDR, MASTER_PORT: "
+        "torchrun's variables, left over from another job? Unset them (`unset LOCAL_RANK WORLD_SIZE`), or start the "
+        "job with torchrun"]
+    assert not (tmp_path / "run").exists()

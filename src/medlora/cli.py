@@ -19,7 +19,7 @@ from typing import Callable
 
 from .config import DEFAULT_MODEL, add_config_arguments, build_config
 from .cpu import quiet_tokenizers_after_fork
-from .errors import Interrupted, MedloraError, memory_failure, write_failure
+from .errors import Interrupted, MedloraError, log, memory_failure, write_failure
 from .rundir import CHECKPOINT_PREFIX, EXPORT, MERGED, MODELFILE
 
 quiet_tokenizers_after_fork()
@@ -56,6 +56,10 @@ def _strip_jupyter_args(unknown: list[str]) -> list[str]:
     return rest
 
 
+TORCHRUN_OPTIONS = {"__nnodes", "__nproc_per_node", "__node_rank", "__rdzv_endpoint", "__rdzv_backend", "__rdzv_id",
+                    "__master_addr", "__master_port", "__standalone", "__max_restarts"}
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
     args, unknown = parser.parse_known_args(argv)
     rest = _strip_jupyter_args(unknown)
@@ -63,6 +67,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
         chosen = getattr(args, "parser", parser)  # the subcommand's own flags make the best suggestions
         known = [s for a in chosen._actions for s in a.option_strings]
         first = rest[0].split("=")[0]
+        if first.replace("-", "_") in TORCHRUN_OPTIONS:
+            raise MedloraError(f"{first} is an option of torchrun, not of medlora: `medlora train --nproc N` trains "
+                               "in N processes on this machine; for several machines start `torchrun --nnodes M "
+                               "--nproc_per_node N ... -m medlora train ...` on each (README: several machines)")
         close = difflib.get_close_matches(first, known, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise MedloraError(f"unknown argument {rest[0]}{hint}")
@@ -80,6 +88,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     from .training.inputs import check_new_run_inputs, resume_config, with_default_data
 
+    from .training.launcher import check_environment  # torch alone: no transformers in the launcher
+
+    check_environment()
     cfg = resume_config(args) if args.resume else with_default_data(build_config(args))
     if not args.resume:
         check_new_run_inputs(cfg)
@@ -92,7 +103,11 @@ def cmd_train(args) -> int:
     if cfg.nproc > 1 and not in_worker():  # this process launches the workers (torchrun's agent)
         from .cpu import usable_cpus
 
-        threads = cfg.num_threads or max(1, usable_cpus() // cfg.nproc)
+        cpus = usable_cpus()
+        threads = cfg.num_threads or max(1, cpus // cfg.nproc)
+        if cfg.nproc * threads > cpus:  # it works, but threads that share a core wait for each other
+            log(f"warning: {cfg.nproc} processes x {threads} thread{'s' * (threads > 1)} on {cpus} usable CPU "
+                f"core{'s' * (cpus > 1)}: more threads than cores makes training slower, not faster")
         return launch(cfg.nproc, threads, args.argv, args.resume)
     from .training.recipe import run
 
@@ -418,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medlora: {e}", file=sys.stderr)
         return leave(e.code, argv)
     except MedloraError as e:
-        print(f"medlora: error: {e}", file=sys.stderr)
+        say_error(f"medlora: error: {e}")
         return leave(2, argv)
     except KeyboardInterrupt:
         print("\nmedlora: interrupted", file=sys.stderr)
@@ -426,17 +441,26 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a full disk (or a quota, a read-only disk), or no memory left: one line, no traceback
         if reason := write_failure(e):
             where = f" {e.filename}" if isinstance(e, OSError) and e.filename else ""
-            print(f"medlora: error: cannot write{where}: {reason}", file=sys.stderr)
+            say_error(f"medlora: error: cannot write{where}: {reason}")
         elif reason := memory_failure(e):
-            print(f"medlora: error: out of memory ({reason}); close other programs, or use a smaller model",
-                  file=sys.stderr)
+            say_error(f"medlora: error: out of memory ({reason}); close other programs, or use a smaller model")
         elif isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:  # any path a user gives, wherever it is used
             name = str(e.filename or "")
             shown = f"{name[:60]}...{name[-20:]}" if len(name) > 90 else name
-            print(f"medlora: error: {shown}: file name too long", file=sys.stderr)
+            say_error(f"medlora: error: {shown}: file name too long")
         else:
             raise
         return leave(2, argv)
+
+
+def say_error(line: str) -> None:
+    """The one error line, on stderr; from a worker of `medlora train --nproc`, to the launcher instead, which prints
+    it once for the job (training/launcher.py): torchrun shows rank 0's output only, and stops the other workers
+    as soon as one fails, so rank 0 may be stopped before it could say why, or be the one without an error."""
+    from .training.launcher import tell_launcher  # loads no torch
+
+    if not tell_launcher(line):
+        print(line, file=sys.stderr)
 
 
 def leave(code: int, argv: list[str] | None) -> int:

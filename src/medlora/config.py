@@ -96,7 +96,8 @@ HELP = {
     "target_modules": "LoRA target module names (space or comma separated); default: auto-detect",
     "max_eval_samples": "evaluate on at most this many eval rows (0 or less: all)",
     "num_threads": "torch CPU threads per process (default: all cores, divided between --nproc processes)",
-    "nproc": "train in N processes on this machine (torch.distributed, gloo; launched by torchrun); "
+    "nproc": "train in N processes on this machine (torch.distributed, gloo; launched by torchrun; for several "
+             "machines see the README's torchrun command); "
              "gradient_accumulation_steps must be a multiple of N",
     "merge_model": "also write the merged model (base weights with the LoRA folded in) into the run folder",
     "save_steps": "save a resumable checkpoint every N optimizer steps",
@@ -180,7 +181,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         default = getattr(defaults, name)
         help_text = HELP.get(name, "")
-        if name != "system_prompt":
+        if name != "system_prompt" and "(default:" not in help_text:  # a help text may say its default itself
             help_text = f"{help_text} (default: {default})".strip()
         if tp is bool:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None,
@@ -215,8 +216,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 
 def build_config(args: argparse.Namespace | None = None, yaml_path: str | None = None,
-                 cls=TrainConfig, **overrides) -> TrainConfig:
-    """Merge defaults < YAML < CLI namespace < keyword overrides into a validated config."""
+                 cls=TrainConfig, divides: bool = True, **overrides) -> TrainConfig:
+    """Merge defaults < YAML < CLI namespace < keyword overrides into a validated config. ``divides=False``
+    leaves out the check that nproc divides gradient_accumulation_steps (a resume checks the run's own)."""
     types = _field_types(cls)
     values: dict = {}
     yaml_path = yaml_path or (getattr(args, "config", None) if args is not None else None)
@@ -237,11 +239,11 @@ def build_config(args: argparse.Namespace | None = None, yaml_path: str | None =
         if value is None and type(None) not in typing.get_args(hints[key]):
             raise MedloraError(f"{key}: a value is required (got an empty one)")
     cfg = cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
-    validate(cfg)
+    validate(cfg, divides)
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, divides: bool = True) -> None:
     """Range checks that must fail before any model is loaded."""
     checks = [
         (0 < cfg.test_size < 1, "test_size must be between 0 and 1 (exclusive)"),
@@ -278,7 +280,8 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise MedloraError(message)
-    check_divides(cfg.gradient_accumulation_steps, cfg.nproc)
+    if divides:
+        check_divides(cfg.gradient_accumulation_steps, cfg.nproc)
     if cfg.max_eval_samples is not None and cfg.max_eval_samples <= 0:
         cfg.max_eval_samples = None
 

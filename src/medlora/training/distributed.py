@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..config import check_divides
 from ..cpu import usable_cpus
+from ..errors import MedloraError
 from ..files import crash_point
 from .callbacks import CheckpointGuard
 from .launcher import LAUNCHED_ENV, QUIET_EXIT, in_worker, resume_hint
@@ -95,6 +96,33 @@ def broadcast(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# Options that may differ between processes: where each machine finds its files and how many cores it uses.
+# Every other one decides what the job computes, and a difference would go unnoticed (a learning rate, a seed that
+# splits the data differently), hang the job until gloo's 30-minute timeout (max_steps, gradient accumulation) or
+# end it in a traceback (lora_r).
+LOCAL_OPTIONS = {"output_dir", "data", "model", "num_threads", "dataloader_num_workers", "nproc"}
+
+
+def check_same_settings(settings: dict) -> None:
+    """Every process was started with the same options (those outside LOCAL_OPTIONS), or every process stops with
+    the same one line naming the options that differ. The machines of a multi-machine job are started one by one,
+    by hand: this is where a flag given on one of them and not the other is caught."""
+    if not active():
+        return
+    mine = {k: v for k, v in settings.items() if k not in LOCAL_OPTIONS}
+    every = [None] * world_size()
+    dist.all_gather_object(every, mine)
+    differ = []
+    for key in sorted(set().union(*every)):
+        values = [s.get(key) for s in every]
+        if any(v != values[0] for v in values):
+            odd = next(r for r, v in enumerate(values) if v != values[0])
+            differ.append(f"{key} (rank 0: {values[0]!r}, rank {odd}: {values[odd]!r})")
+    if differ:
+        raise MedloraError("the training processes were started with different options: " + "; ".join(differ)
+                           + ". Start every machine with the same options")
 
 
 def any_rank(flag: bool) -> bool:

@@ -21,7 +21,7 @@ def resume_config(args):
     saved = run.read_config()
     if saved.data and not Path(saved.data).is_file() and run.read_info().get("data"):
         saved = replace(saved, data=run.read_info()["data"])  # a relative path saved by release 0.1.0
-    given = build_config(args)
+    given = build_config(args, divides=False)  # the process count is checked against the run's own accumulation
     explicit = {f.name for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     explicit |= set(load_yaml(args.config)) if args.config else set()
     if getattr(args, "output_dir", None) is not None and Path(args.output_dir).resolve() != run.path.resolve():
@@ -43,6 +43,13 @@ def resume_config(args):
     if differ:
         raise MedloraError("--resume: these options differ from the run's saved configuration: "
                            + "; ".join(differ) + ". Drop them, or start a new run")
+    steps = saved.gradient_accumulation_steps
+    if given.nproc > 1 and steps % given.nproc:
+        fits = [n for n in range(2, min(steps, 64) + 1) if steps % n == 0]
+        raise MedloraError(f"--resume --nproc {given.nproc}: this run accumulates {steps} samples per optimizer step "
+                           f"(gradient_accumulation_steps {steps}, which a resume keeps), and each process takes an "
+                           f"equal share; " + (f"--nproc {', '.join(map(str, fits))} or 1 can continue it" if fits else
+                                               "only one process can continue it (drop --nproc)"))
     saved = replace(saved, nproc=given.nproc, **runtime)
     return replace(saved, max_steps=given.max_steps) if "max_steps" in explicit else saved
 

@@ -13,8 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import ignored, log, off_the_dead_terminal
-from ..rundir import RunDir
+from ..errors import MedloraError, ignored, log, off_the_dead_terminal
+from ..rundir import LOCK, RunDir
 
 # Set by ``launch`` in its workers: the launcher reports a lost peer in one line, so the workers stay quiet, and
 # rank 0 writes the run folder's path to this file so that the line can name it.
@@ -25,6 +25,21 @@ QUIET_EXIT = 3  # a worker whose peer died: the launcher says what happened
 def in_worker() -> bool:
     """Started by torchrun (or accelerate launch): the launcher's environment is there."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_environment() -> None:
+    """torchrun's variables come as a set; some without the others are a leftover (an exported WORLD_SIZE, a shell
+    inherited from another job), on which torch and transformers fail with a traceback or wait for peers that
+    never come: one line instead."""
+    present = [v for v in TORCHRUN_ENV if v in os.environ]
+    if present and len(present) < len(TORCHRUN_ENV):
+        missing = [v for v in TORCHRUN_ENV if v not in os.environ]
+        raise MedloraError(f"the environment sets {', '.join(present)} but not {', '.join(missing)}: torchrun's "
+                           f"variables, left over from another job? Unset them (`unset {' '.join(present)}`), or "
+                           "start the job with torchrun")
 
 
 def _quiet_torchrun_logs() -> None:
@@ -95,7 +110,9 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
         run(options)
         return 0
     except ChildFailedError as e:
-        return _report_failure(e.failures, nproc, _run_dir(resume, note))
+        run_dir = _run_dir(resume, note)
+        discarded = _discard_if_unstarted(resume, run_dir)
+        return _report_failure(e.failures, nproc, run_dir, _worker_error(note), discarded)
     except SignalException as e:
         # Ctrl-C, a hang-up or a SIGTERM to this launcher. torchrun starts each worker in a session of its own, so a
         # terminal's Ctrl-C or hang-up reaches only this process; torchrun passed the signal on to the workers once
@@ -103,8 +120,9 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
         # checkpointed (rank 0 said so above), unless a second SIGTERM ended them at once
         sig = signal.SIGTERM if e.sigval == signal.SIGUSR1 else e.sigval
         lead = "\n" if len(terms) > 1 else ""  # a worker ended at once left its progress bar mid-line
-        print(f"{lead}medlora: stopped by {sig.name}. {resume_hint(_run_dir(resume, note))}", file=sys.stderr,
-              flush=True)
+        run_dir = _run_dir(resume, note)
+        hint = resume_hint(run_dir, _discard_if_unstarted(resume, run_dir))
+        print(f"{lead}medlora: stopped by {sig.name}. {hint}", file=sys.stderr, flush=True)
         return 128 + int(sig)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     finally:
         for sig, handler in previous.items():
@@ -116,6 +134,31 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
             else:
                 os.environ[k] = v
         Path(note).unlink(missing_ok=True)
+        Path(note + ".errors").unlink(missing_ok=True)
+
+
+def tell_launcher(line: str) -> bool:
+    """In a worker of `medlora train --nproc`: append ``line`` with the worker's rank to the launcher's error file
+    (one write, so lines from several workers do not interleave) and return True; elsewhere False."""
+    note = os.environ.get(LAUNCHED_ENV)
+    if not (note and in_worker()):
+        return False
+    fd = os.open(note + ".errors", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, f"{os.environ.get('RANK', '0')}\t{line.replace(chr(10), ' ')}\n".encode("utf-8", "replace"))
+    finally:
+        os.close(fd)
+    return True
+
+
+def _worker_error(note: str) -> str | None:
+    """The error line a worker told the launcher (tell_launcher): rank 0's, which sees the whole run (the others
+    may fail on a side effect of its error), else the first; None if none did."""
+    try:
+        told = [line.partition("\t") for line in Path(note + ".errors").read_text(encoding="utf-8").splitlines()]
+    except OSError:
+        return None
+    return next((text for rank_, _, text in told if rank_ == "0"), told[0][2] if told else None)
 
 
 def _run_dir(resume: str | None, note: str) -> str | None:
@@ -124,18 +167,52 @@ def _run_dir(resume: str | None, note: str) -> str | None:
     return resume or Path(note).read_text(encoding="utf-8").strip() or None
 
 
-def resume_hint(run_dir: str | None) -> str:
+def _discard_if_unstarted(resume: str | None, run_dir: str | None) -> bool:
+    """A new run whose job stopped before its first complete checkpoint can never be resumed: what rank 0 wrote
+    (and the lock its dead process left) goes, as in one process (recipe.run), so that no folder passes for a
+    run and the next start can use the same --output_dir. True when it was removed."""
+    if resume or not run_dir or not Path(run_dir).is_dir():
+        return False
+    run = RunDir(run_dir)
+    if run.is_locked() or not run.discard_unstarted():
+        return False
+    (run.path / LOCK).unlink(missing_ok=True)
+    try:
+        run.path.rmdir()  # only when nothing else is in it
+    except OSError:
+        pass
+    return True
+
+
+def resume_hint(run_dir: str | None, discarded: bool = False) -> str:
+    if discarded:
+        return f"It stopped before the first checkpoint, so there is nothing to resume ({run_dir} removed): start " \
+               "the run again"
     checkpoint = RunDir(run_dir).latest_complete_checkpoint() if run_dir else None
     if checkpoint is None:
         return f"No checkpoint was completed in {run_dir}" if run_dir else "No run folder was created"
     return (f"Resume from the last complete checkpoint ({checkpoint.name}) with: medlora train --resume "
-            f"{shlex.quote(str(run_dir))} (any --nproc)")
+            f"{shlex.quote(str(run_dir))} ({process_counts(run_dir)})")
 
 
-def _report_failure(failures: dict, nproc: int, run_dir: str | None) -> int:
+def process_counts(run_dir: str) -> str:
+    """The --nproc values that can continue a run: those that divide its gradient_accumulation_steps."""
+    try:
+        steps = RunDir(run_dir).read_config().gradient_accumulation_steps
+    except Exception:  # noqa: BLE001 - a hint only: an unreadable config is reported when the resume reads it
+        return "--nproc: any that divides the run's gradient_accumulation_steps"
+    counts = [str(n) for n in range(1, min(steps, 64) + 1) if steps % n == 0]
+    return "--nproc " + (f"{', '.join(counts[:-1])} or {counts[-1]}" if len(counts) > 1 else counts[0])
+
+
+def _report_failure(failures: dict, nproc: int, run_dir: str | None, worker_error: str | None = None,
+                    discarded: bool = False) -> int:
     """One line for the whole job: the process that failed first and why, and how to go on."""
     codes = {f.exitcode for f in failures.values()}
-    if codes <= {2, QUIET_EXIT, -signal.SIGTERM}:  # a worker already said what was wrong in one line
+    if codes <= {2, QUIET_EXIT, -signal.SIGTERM}:  # a worker stopped on an error and told this launcher its line
+        # on a line of its own: rank 0's progress bar may have left the cursor mid-line
+        print("\n" + (worker_error or "medlora: error: a training process stopped on an error (run with --nproc 1 "
+                                     "to see it)"), file=sys.stderr, flush=True)
         return 2
     saved = {129, 130, 143}  # a hang-up, Ctrl-C or SIGTERM the workers got: they saved a checkpoint and said so
     if codes & saved and codes <= saved | {QUIET_EXIT, -signal.SIGTERM}:
@@ -145,7 +222,7 @@ def _report_failure(failures: dict, nproc: int, run_dir: str | None) -> int:
     rank_, failure = min(culprits or failures.items(), key=lambda rf: rf[1].timestamp)
     how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
            else f"exited with code {failure.exitcode} (run with --nproc 1 to see its error)")
-    hint = resume_hint(run_dir)
+    hint = resume_hint(run_dir, discarded)
     others = "the other process was" if nproc == 2 else f"the other {nproc - 1} processes were"
     # on a line of its own: rank 0's progress bar may have left the cursor mid-line
     print(f"\nmedlora: error: training process rank {rank_} (pid {failure.pid}) {how}; {others} stopped. {hint}",

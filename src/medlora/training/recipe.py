@@ -117,6 +117,7 @@ def preflight(cfg: TrainConfig, resume: str | Path | None, claimed: Path | None 
 def preflight_ranks(cfg: TrainConfig, resume: str | Path | None) -> Job:
     """Distributed: rank 0 alone runs the checks that claim and lock the run folder, then every rank learns its
     name (a new run's folder may have been made unique) or rank 0's error."""
+    distributed.check_same_settings(cfg.to_dict())
     if distributed.is_main():
         try:
             job = preflight(cfg, resume)
