@@ -4,6 +4,7 @@ of the configuration layer and the CSV reader: the only outcomes are success or 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -624,3 +625,32 @@ def test_leftover_torchrun_variables_are_one_line(tmp_path, monkeypatch, capsys)
         "torchrun's variables, left over from another job? Unset them (`unset LOCAL_RANK WORLD_SIZE`), or start the "
         "job with torchrun"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_lock_held_on_another_machine_is_never_taken_over(tmp_path):
+    """A run folder on a shared filesystem: the lock names its host, because a process on another machine cannot be
+    checked from here (its pid means nothing on this one). Such a lock is respected, and the message says how to
+    clear it if that machine went down; a dead process's lock on this machine is taken over as before."""
+    from medlora.errors import MedloraError
+    from medlora.rundir import HOST, LOCK, RunDir
+
+    run = RunDir(tmp_path)
+    lock = tmp_path / LOCK
+    lock.write_text("4242 gpu-node-7")
+    with pytest.raises(MedloraError) as e:
+        run.lock_or_fail()
+    assert str(e.value) == (f"{tmp_path}: a medlora process on gpu-node-7 (pid 4242) is training in this folder; "
+                            f"wait for it or stop it first (if that machine went down, delete {lock})")
+    assert run.is_locked()
+    lock.write_text(f"1 {HOST}")  # init: alive on this machine
+    with pytest.raises(MedloraError, match=r"another medlora process is training in this folder \(pid 1\)"):
+        run.lock_or_fail()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for stale in (f"{dead.pid} {HOST}", str(dead.pid)):  # a lock written before hosts were: this machine's
+        lock.write_text(stale)
+        assert not run.is_locked()
+        run.lock_or_fail()
+        assert lock.read_text() == f"{os.getpid()} {HOST}"
+        run.unlock()
+        assert not lock.exists()

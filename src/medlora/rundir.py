@@ -25,6 +25,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -112,6 +113,25 @@ def claim_output_dir(path: str | Path) -> "RunDir":
             run.created_root = created
             return run
     raise MedloraError(f"could not claim a run folder next to {path}: too many runs are starting there")
+
+
+HOST = socket.gethostname()
+
+
+def _lock_holder(lock: Path) -> tuple[int, str]:
+    """(pid, host) of a lock file: "PID HOST"; a lock from before hosts were written is this host's. (0, HOST) when
+    it cannot be read (gone, or half written)."""
+    try:
+        pid, _, host = lock.read_text().strip().partition(" ")
+        return int(pid or 0), host or HOST
+    except (OSError, ValueError):
+        return 0, HOST
+
+
+def _holder_alive(pid: int, host: str) -> bool:
+    """Whether the lock's process lives. A process on another machine (a run folder on a shared filesystem) cannot
+    be checked from here: it counts as alive, so that a --resume started elsewhere never takes over a running job."""
+    return host != HOST or (pid != 0 and _pid_alive(pid))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -340,42 +360,43 @@ class RunDir:
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    holder = int(lock.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    holder = 0
-                if holder and holder != os.getpid() and _pid_alive(holder):
-                    return False
-                if holder == os.getpid():
+                pid, host = _lock_holder(lock)
+                if (pid, host) == (os.getpid(), HOST):
                     return True
+                if pid and _holder_alive(pid, host):
+                    return False
                 lock.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                f.write(f"{os.getpid()} {HOST}")
             return True
         return False
 
     def is_locked(self) -> bool:
         """Another live process holds the folder's lock (it is training)."""
-        try:
-            holder = int((self.path / LOCK).read_text().strip() or 0)
-        except (OSError, ValueError):
-            return False
-        return holder != os.getpid() and _pid_alive(holder)
+        pid, host = _lock_holder(self.path / LOCK)
+        return pid != 0 and (pid, host) != (os.getpid(), HOST) and _holder_alive(pid, host)
 
     def lock_or_fail(self) -> None:
         if not self.try_lock():
+            pid, host = _lock_holder(self.path / LOCK)
+            if host != HOST:
+                raise MedloraError(f"{self.path}: a medlora process on {host} (pid {pid}) is training in this folder; "
+                                   f"wait for it or stop it first (if that machine went down, delete "
+                                   f"{self.path / LOCK})")
             raise MedloraError(f"{self.path}: another medlora process is training in this folder "
-                               f"(pid {(self.path / LOCK).read_text().strip()}); wait for it or stop it first")
+                               f"(pid {pid}); wait for it or stop it first")
 
     def unlock(self, remove_if_unused: bool = False) -> None:
         """Release the lock; ``remove_if_unused``: also remove the folder if the lock was all it held (a run
         that failed before it wrote anything leaves nothing behind)."""
         lock = self.path / LOCK
         try:
-            if int(lock.read_text().strip() or 0) == os.getpid():
+            if _lock_holder(lock) == (os.getpid(), HOST):
                 lock.unlink()
-        except (OSError, ValueError):
+            else:
+                return
+        except OSError:
             return
         if remove_if_unused and self.created_root is not None:
             folder = self.path
