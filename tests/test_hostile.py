@@ -654,3 +654,17 @@ def test_a_run_folder_lock_held_on_another_machine_is_never_taken_over(tmp_path)
         assert lock.read_text() == f"{os.getpid()} {HOST}"
         run.unlock()
         assert not lock.exists()
+
+
+def test_resuming_a_run_that_is_training_is_refused_before_any_worker_starts(tiny_run, tmp_path, capsys):
+    from medlora.rundir import LOCK
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / LOCK).write_text("4242 gpu-node-7")
+    assert main(["train", "--resume", str(run), "--max_steps", "4", "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert message_lines(err) == [f"medlora: error: {run}: a medlora process on gpu-node-7 (pid 4242) is training in "
+                                  f"this folder; wait for it or stop it first (if that machine went down, delete "
+                                  f"{run / LOCK})"], err
+    assert "training in 2 processes" not in err

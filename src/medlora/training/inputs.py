@@ -18,6 +18,8 @@ def resume_config(args):
     """The saved configuration of RUN_DIR; options given again must agree with it, except a larger
     --max_steps, which extends the run, and the options of RESUMABLE_CHANGES, which this session uses."""
     run = RunDir.open(args.resume, finished=False)
+    if run.is_locked():  # still training: refused here, before --nproc starts workers only to be refused there
+        run.lock_or_fail()
     saved = run.read_config()
     if saved.data and not Path(saved.data).is_file() and run.read_info().get("data"):
         saved = replace(saved, data=run.read_info()["data"])  # a relative path saved by release 0.1.0
