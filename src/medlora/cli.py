@@ -87,7 +87,6 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     from .training.inputs import check_new_run_inputs, resume_config, with_default_data
-
     from .training.launcher import check_environment  # torch alone: no transformers in the launcher
 
     check_environment()

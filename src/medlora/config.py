@@ -286,6 +286,11 @@ def validate(cfg: TrainConfig, divides: bool = True) -> None:
         cfg.max_eval_samples = None
 
 
+def process_counts(gradient_accumulation_steps: int) -> list[int]:
+    """The process counts (up to 64) that can share a run's optimizer steps: the divisors of its accumulation."""
+    return [n for n in range(1, min(gradient_accumulation_steps, 64) + 1) if gradient_accumulation_steps % n == 0]
+
+
 def check_divides(gradient_accumulation_steps: int, processes: int) -> None:
     """The effective batch stays the user's: each of ``processes`` accumulates an equal share of every optimizer
     step's samples, so the share must be whole."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from pathlib import Path
 
-from ..config import RESUMABLE_CHANGES, TrainConfig, build_config, load_yaml
+from ..config import RESUMABLE_CHANGES, TrainConfig, build_config, load_yaml, process_counts
 from ..data import load_qa_csv
 from ..errors import MedloraError, log
 from ..model import resolve_model
@@ -47,7 +47,7 @@ def resume_config(args):
                            + "; ".join(differ) + ". Drop them, or start a new run")
     steps = saved.gradient_accumulation_steps
     if given.nproc > 1 and steps % given.nproc:
-        fits = [n for n in range(2, min(steps, 64) + 1) if steps % n == 0]
+        fits = process_counts(steps)[1:]
         raise MedloraError(f"--resume --nproc {given.nproc}: this run accumulates {steps} samples per optimizer step "
                            f"(gradient_accumulation_steps {steps}, which a resume keeps), and each process takes an "
                            f"equal share; " + (f"--nproc {', '.join(map(str, fits))} or 1 can continue it" if fits else

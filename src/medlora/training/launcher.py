@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..config import process_counts
 from ..errors import MedloraError, ignored, log, off_the_dead_terminal
 from ..rundir import LOCK, RunDir
 
@@ -192,16 +193,15 @@ def resume_hint(run_dir: str | None, discarded: bool = False) -> str:
     if checkpoint is None:
         return f"No checkpoint was completed in {run_dir}" if run_dir else "No run folder was created"
     return (f"Resume from the last complete checkpoint ({checkpoint.name}) with: medlora train --resume "
-            f"{shlex.quote(str(run_dir))} ({process_counts(run_dir)})")
+            f"{shlex.quote(str(run_dir))} ({_nproc_choices(run_dir)})")
 
 
-def process_counts(run_dir: str) -> str:
+def _nproc_choices(run_dir: str) -> str:
     """The --nproc values that can continue a run: those that divide its gradient_accumulation_steps."""
     try:
-        steps = RunDir(run_dir).read_config().gradient_accumulation_steps
+        counts = [str(n) for n in process_counts(RunDir(run_dir).read_config().gradient_accumulation_steps)]
     except Exception:  # noqa: BLE001 - a hint only: an unreadable config is reported when the resume reads it
         return "--nproc: any that divides the run's gradient_accumulation_steps"
-    counts = [str(n) for n in range(1, min(steps, 64) + 1) if steps % n == 0]
     return "--nproc " + (f"{', '.join(counts[:-1])} or {counts[-1]}" if len(counts) > 1 else counts[0])
 
 
