@@ -123,7 +123,9 @@ RED_FLAGS: tuple[RedFlag, ...] = (
                  r"car|bus|tower|window|overpass|ledge)"),
             _ctx(r"\b(?:not|isnt|no longer|aint) worth living\b|\bdone with (?:life|living|it all)\b|"
                  r"\b(?:i|we) should (?:just )?(?:die|be dead)\b(?! (?:my|her|his|the|their) hair)|"
-                 r"\b(?:disappear|sleep) forever\b|\b(?:dont|doesnt) want to wake up\b|"
+                 r"\b(?:want|wanna|wish i could|going|gonna|wish to) (?:to )?(?:just )?(?:disappear|sleep) forever\b|"
+                 r"\b(?:dont|doesnt) want to wake up\b(?! (?:early|so early|at|for|before|in the|during|every|when|"
+                 r"because|on|my|his|her|him|them|the|everyone|anyone|with)\b)|"
                  r"\bvoices? (?:telling|tell|told|tells) (?:me|him|her|them) to (?:die\b|(?:kill|hurt|harm) "
                  r"(?:my|him|her|them)sel(?:f|ves)\b)"),
             _ctx(r"\b(?:i|im|ive|been|keep|keeps|started|still|is|hes|shes|are|was) (?:\w+ )?"
