@@ -365,6 +365,26 @@ def test_emergency_guard_is_in_every_answer(tiny_server):
     assert events[1]["choices"][0]["delta"]["content"].startswith(NOTICE_HEADER)
 
 
+def test_a_follow_up_keeps_the_notice_and_sent_back_notices_do_not_count_as_the_models_words(tiny_server):
+    """What a client sends back after an emergency: the first answer as it was shown (notice included) and a follow-up
+    that alone matches nothing. The answer starts with the notice again; the notice sent back is not prompt: the
+    prompt is as long as with the model's own words alone."""
+    from medlora.safety import check
+
+    first = tiny_server.post({"messages": user(RED_FLAG), "max_tokens": 3})[2]["choices"][0]["message"]["content"]
+    notice = check(RED_FLAG).notice + "\n\n"
+    assert first.startswith(notice)
+    follow_up = "should I take an aspirin or drive to the hospital myself?"
+
+    def ask(answer):
+        messages = [*user(RED_FLAG), {"role": "assistant", "content": answer}, *user(follow_up)]
+        return tiny_server.post({"messages": messages, "max_tokens": 2})[2]
+
+    shown, bare = ask(first), ask(first.removeprefix(notice))
+    assert shown["choices"][0]["message"]["content"].startswith(NOTICE_HEADER)
+    assert shown["usage"]["prompt_tokens"] == bare["usage"]["prompt_tokens"]
+
+
 @pytest.mark.parametrize("body, status, param, code", [
     (b"{not json", 400, None, "invalid_json"),
     (b"", 400, None, "invalid_json"),
