@@ -4,9 +4,8 @@ Answers stream as they are generated, through whichever inference backend is loa
 from __future__ import annotations
 
 import sys
-from typing import TextIO
-
 from dataclasses import replace
+from typing import TextIO
 
 from .data import chat_messages
 from .errors import MedloraError

@@ -21,10 +21,6 @@ RECENT_USER_MESSAGES = 3  # the latest and the two before it are read together
 _NOTICE = re.compile(re.escape(NOTICE_HEADER) + r".*?" + re.escape(NOTICE_FOOTER) + r"(?:\r?\n){0,2}", re.DOTALL)
 
 
-def last_user_message(messages: list[dict]) -> str:
-    return next((str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), "")
-
-
 def conversation_flags(messages: list[dict]) -> list[str]:
     """The red-flag categories of a conversation: those of its last RECENT_USER_MESSAGES user messages read as
     one text, and self_harm if any user message in it showed it."""

@@ -72,6 +72,15 @@ def _fallback(backend: str, target, model, e: LlamaCppUnavailable) -> None:
     log(f"llama.cpp is not available here ({e}); answering with transformers (--backend hf) instead")
 
 
+def check_gguf_backend(target, backend: str) -> bool:
+    """Whether ``target`` is a .gguf file; one refused with --backend hf (transformers cannot run it)."""
+    if target is None or not str(target).endswith(".gguf"):
+        return False
+    if backend == "hf":
+        raise MedloraError("a .gguf file runs in llama.cpp only (--backend auto or llamacpp)")
+    return True
+
+
 def open_backend(target: str | None, model: str | None = None, backend: str = "auto", threads: int | None = None,
                  trust_remote_code: bool = False, quant: str | None = None) -> Backend:
     """One model to chat with: a run folder, its merged model, any HF model folder, or (``target`` None) the
@@ -79,9 +88,7 @@ def open_backend(target: str | None, model: str | None = None, backend: str = "a
     from ..export.gguf import DEFAULT_QUANT
 
     check_backend_choice(backend, threads)
-    if target is not None and str(target).endswith(".gguf"):
-        if backend == "hf":
-            raise MedloraError("a .gguf file runs in llama.cpp only (--backend auto or llamacpp)")
+    if check_gguf_backend(target, backend):
         from ..export.gguf import gguf_system_prompt
         from .llamacpp import load_llamacpp_backend
 

@@ -72,14 +72,12 @@ def check_options(args) -> None:
     if args.run_dir is not None and not Path(args.run_dir).exists():
         raise MedloraError(f"{args.run_dir}: no such file or folder")
     # what open_backend would refuse once the port is bound, refused before it is
-    from ..inference.loader import check_backend_choice
+    from ..inference.loader import check_backend_choice, check_gguf_backend
 
     check_backend_choice(args.backend, args.threads)
     if args.run_dir is not None and Path(args.run_dir).is_file():
-        if not str(args.run_dir).endswith(".gguf"):
+        if not check_gguf_backend(args.run_dir, args.backend):
             raise MedloraError(f"{args.run_dir}: a file, not a run or model folder (nor a .gguf file)")
-        if args.backend == "hf":
-            raise MedloraError("a .gguf file runs in llama.cpp only (--backend auto or llamacpp)")
     for name, low in (("port", 0), ("max_queue", 0), ("max_new_tokens", 1), ("max_tokens_limit", 1),
                       ("max_request_bytes", 1024)):
         if getattr(args, name) < low:
