@@ -318,7 +318,10 @@ def test_a_signal_to_the_launcher_ends_the_job_at_a_checkpoint_that_resumes(how,
     args[args.index("--max_steps") + 1] = str(steps)
     args[args.index("--gradient_accumulation_steps") + 1] = "16"
     out = tmp_path / "run"
-    term = Terminal(["-m", "medlora", "train", *args, "--output_dir", str(out), "--nproc", "2"], env=env())
+    # rank 0 waits after step 3's first sample until the signal has reached it: however fast the machine, the
+    # signal lands in step 3
+    term = Terminal(["-m", "medlora", "train", *args, "--output_dir", str(out), "--nproc", "2"],
+                    env=env(MEDLORA_TEST_CRASH_AT="substep:2:rank0=wait"))
     try:
         term.read_until((out / "checkpoint-2" / "medlora_complete.json").exists, timeout=240)
         workers = psutil.Process(term.proc.pid).children(recursive=True)

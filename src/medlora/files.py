@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +49,15 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif at and at.startswith(name + "=") and (signum := at[len(name) + 1:]).isdigit():
         os.kill(os.getpid(), int(signum))
+
+
+def wait_point(name: str, until: Callable[[], bool], seconds: float = 120.0) -> None:
+    """With MEDLORA_TEST_CRASH_AT=<name>=wait, wait here until ``until()`` is true (the signal a test sends has
+    arrived) or ``seconds`` have passed: the signal then lands at a known point however fast the machine is."""
+    if os.environ.get(CRASH_ENV) == name + "=wait":
+        deadline = time.monotonic() + seconds
+        while not until() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def raise_write_error(path: Path, error: BaseException):

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ..config import check_divides
 from ..cpu import usable_cpus
 from ..errors import MedloraError
-from ..files import crash_point
+from ..files import crash_point, wait_point
 from .callbacks import CheckpointGuard
 from .launcher import LAUNCHED_ENV, QUIET_EXIT, in_worker, resume_hint
 
@@ -214,6 +214,8 @@ class DistributedCheckpointGuard(CheckpointGuard):
     the launcher waits for its workers before it kills them."""
 
     def on_substep_end(self, args, state, control, **kw):
+        # tests/test_distributed.py: a rank waits here for the signal the test sends it
+        wait_point(f"substep:{state.global_step}:rank{rank()}", lambda: self.interrupt.requested)
         self.interrupt.requested = any_rank(self.interrupt.requested)
         super().on_substep_end(args, state, control, **kw)
 
