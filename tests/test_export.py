@@ -15,7 +15,8 @@ gguf = pytest.importorskip("gguf")
 
 from medlora.cli import main  # noqa: E402
 from medlora.errors import MedloraError  # noqa: E402
-from medlora.export.gguf import export, gguf_system_prompt, write_gguf  # noqa: E402
+from medlora.export.exporter import export  # noqa: E402
+from medlora.export.gguf import gguf_system_prompt, write_gguf  # noqa: E402
 from medlora.inference.backend import preset  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "What are the symptoms of anemia?"}]
@@ -619,7 +620,7 @@ def test_a_gguf_alone_answers_under_its_runs_prompt_and_chat_keeps_the_runs_mode
 def test_a_stale_merge_and_a_read_only_run_are_exported_to_the_cache(tiny_run, tmp_path, capsys, monkeypatch):
     import time
 
-    import medlora.export.gguf as gguf_module
+    import medlora.export.exporter as exporter_module
 
     run, cache = _copy_run(tiny_run, tmp_path), tmp_path / "cache"
     monkeypatch.setenv("MEDLORA_CACHE", str(cache))
@@ -632,14 +633,14 @@ def test_a_stale_merge_and_a_read_only_run_are_exported_to_the_cache(tiny_run, t
     assert main(ask) == 0
     assert f"exporting {(run / 'merged_model').resolve()} to {cache / 'gguf'}" in capsys.readouterr().err
 
-    real = gguf_module.check_output_file
+    real = exporter_module.check_output_file
 
     def read_only(path, label):  # as on a read-only mount (root writes through file permissions)
         if run in Path(path).parents:
             raise MedloraError(f"cannot write to {label} folder {path.parent} (Read-only file system)")
         return real(path, label)
 
-    monkeypatch.setattr(gguf_module, "check_output_file", read_only)
+    monkeypatch.setattr(exporter_module, "check_output_file", read_only)
     (run / "export" / "tinyrun-q8_0.gguf").unlink()
     assert main(["chat", str(run), "-q", "hi", "--max_new_tokens", "2", "--threads", "1"]) == 0
     err = capsys.readouterr().err

@@ -511,7 +511,7 @@ def test_running_out_of_memory_is_one_line_naming_the_checkpoint_and_the_way_on(
 
     from medlora.errors import memory_failure
     from medlora.rundir import RunDir, is_complete
-    from medlora.training.recipe import stopped_here
+    from medlora.training.stopping import stopped_here
 
     with pytest.raises(RuntimeError) as caught:
         torch.empty(2**50, dtype=torch.uint8)  # 1,126 TB

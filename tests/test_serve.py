@@ -475,7 +475,7 @@ def test_max_queue_zero_answers_one_request_at_a_time(tmp_path, tiny_model_dir):
 
 def test_the_llama_cpp_backend_serves_the_same_protocol(tmp_path, tiny_model_dir, tokenizer):
     pytest.importorskip("xllamacpp")
-    from medlora.export.gguf import export
+    from medlora.export.exporter import export
     from medlora.prompts import DEFAULT_SYSTEM_PROMPT
 
     gguf = export(tiny_model_dir, quant="f16", output=tmp_path / "tiny.gguf", progress=False, modelfile=False)

@@ -326,7 +326,7 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args) -> int:
-    from .export.gguf import export
+    from .export.exporter import export
 
     print(export(args.run_dir, quant=args.quant, output=args.output, trust_remote_code=args.trust_remote_code))
     return 0

@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -30,8 +26,7 @@ from ..config import RESUMABLE_CHANGES, TrainConfig
 from ..cpu import (SpeedPlan, cpu_has_native_bf16, cpu_summary, int8_hint, precision_reason,
                    resolve_checkpointing, resolve_precision)
 from ..data import DataReport, EncodedSplit, encode_frame, split
-from ..errors import (Interrupted, MedloraError, ignored, log, memory_failure, off_the_dead_terminal,
-                      write_failure)
+from ..errors import Interrupted, MedloraError, log
 from ..model import check_lora_targets, find_lora_targets, load_model, load_tokenizer, resolve_model
 from ..files import crash_point, file_sha256
 from ..rundir import RunDir, check_output_location, claim_output_dir
@@ -42,6 +37,7 @@ from .inputs import read_data
 from .int8 import parameter_counts, quantize_frozen_linears
 from .lighter import add_lora_in_place, lighten_activations
 from .losses import accepts_logits_to_keep
+from .stopping import Stopped, signals_stop, stopped_here, stopped_outside_training
 from .trainer import build_trainer, check_optimizer
 
 
@@ -374,36 +370,6 @@ def finish(job: Job, trainer, model, tokenizer, base: dict, outcome: Outcome, pl
 
 # ---------------------------------------------------------------- the recipe
 
-class Stopped(BaseException):
-    """SIGTERM or SIGHUP outside the training loop (loading, the base eval, the final eval, the artifacts)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextmanager
-def signals_stop(enabled: bool):
-    """Outside trainer.train (where Interrupt saves a checkpoint first), SIGTERM and SIGHUP stop the run as Ctrl-C
-    does, so that run() can say what was kept instead of the process dying silently. Not in a torchrun worker:
-    its launcher owns the signals (training/launcher.py)."""
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if signum == signal.SIGHUP:
-            off_the_dead_terminal()
-        raise Stopped(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP) if not ignored(sig)}
-    try:
-        yield
-    finally:
-        for sig, before in previous.items():
-            signal.signal(sig, before if before is not None else signal.SIG_DFL)
-
-
 def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
     """Train (or, with ``resume``, continue the run in that folder); returns the run folder. In a torchrun worker
     (RANK/WORLD_SIZE set), this process trains its share and rank 0 writes the run folder."""
@@ -425,47 +391,12 @@ def run(cfg: TrainConfig, resume: str | Path | None = None) -> Path:
             if message:  # a full disk or no memory left after hours of training: one line, and what to do
                 raise MedloraError(message) from None
             if isinstance(e, (KeyboardInterrupt, Stopped)):
-                raise stopped_outside_training(job, e, discarded) from None
+                raise stopped_outside_training(job.run, e, discarded) from None
         raise
     finally:
         if job is not None:
             job.run.unlock()
         distributed.shutdown()
-
-
-def stopped_outside_training(job: Job, e: BaseException, discarded: bool) -> Interrupted:
-    """Ctrl-C, SIGTERM or SIGHUP while the model loaded or was evaluated: what was kept, and the way on."""
-    signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
-    name = Interrupt.NAMES.get(signum, "a signal")
-    if discarded:
-        gone = "removed" if not job.run.path.exists() else "emptied"
-        return Interrupted(f"{name}: stopped before the first checkpoint, so there is nothing to resume ({job.run} "
-                           f"{gone}): start the run again", 128 + int(signum))
-    return Interrupted(f"{name}: stopped; resume with: medlora train --resume {job.run.shell}", 128 + int(signum))
-
-
-def stopped_here(run: RunDir, error: BaseException) -> str | None:
-    """One line for a run that cannot go on here: the run folder cannot be written (a full disk, a quota) or the
-    memory ran out. Removes the checkpoint that was being written (it could never be resumed, and it holds disk
-    space) and says where the run can go on from. None for any other error."""
-    if reason := write_failure(error):
-        free = shutil.disk_usage(run.path).free
-        problem = f"cannot write to the run folder {run}: {reason} ({free / 1e6:,.0f} MB free there)"
-        go_on = f"make room, then resume with: medlora train --resume {run.shell}"
-        again = "make room and start the run again"
-    elif reason := memory_failure(error):
-        problem = f"out of memory ({reason})"
-        less = "" if run.read_info().get("gradient_checkpointing", True) else " --gradient_checkpointing on"
-        go_on = (f"resume with less memory: medlora train --resume {run.shell}{less}" if less else
-                 f"close other programs, then resume with: medlora train --resume {run.shell}; "
-                 "or start a new run with a lower --max_seq_len or --precision int8")
-        again = "start again with a lower --max_seq_len, --gradient_checkpointing on or --precision int8"
-    else:
-        return None
-    last = run.latest_complete_checkpoint(quiet=True)
-    run.remove_checkpoints_after(last)
-    where = f"the last complete checkpoint is {last.name}; {go_on}" if last else f"no checkpoint was completed; {again}"
-    return f"{problem}. Training stopped: {where}"
 
 
 def _run(job: Job) -> Path:
