@@ -86,6 +86,20 @@ def test_accumulation_that_does_not_divide_is_one_line(sample_csv, tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
+def test_each_process_gets_its_share_of_the_cores_and_more_threads_than_cores_is_one_warning(monkeypatch, capsys):
+    import medlora.cpu
+    from medlora.training.launcher import threads_each
+
+    monkeypatch.setattr(medlora.cpu, "usable_cpus", lambda: 8)
+    assert (threads_each(2, None), threads_each(3, None), threads_each(8, None), threads_each(4, 2)) == (4, 2, 1, 2)
+    assert capsys.readouterr().err == ""
+    warning = "usable CPU cores: more threads than cores makes training slower, not faster"
+    assert threads_each(4, 3) == 3
+    assert capsys.readouterr().err.strip() == f"medlora: warning: 4 processes x 3 threads on 8 {warning}"
+    assert threads_each(16, None) == 1  # at least one thread each, more processes than cores or not
+    assert capsys.readouterr().err.strip() == f"medlora: warning: 16 processes x 1 thread on 8 {warning}"
+
+
 def test_two_processes_train_what_one_process_trains(reference, sample_csv, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "medlora", "train", *recipe(sample_csv, tiny_model_dir),

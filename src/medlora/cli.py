@@ -19,7 +19,7 @@ from typing import Callable
 
 from .config import DEFAULT_MODEL, add_config_arguments, build_config
 from .cpu import quiet_tokenizers_after_fork
-from .errors import Interrupted, MedloraError, log, memory_failure, write_failure
+from .errors import Interrupted, MedloraError, memory_failure, write_failure
 from .rundir import CHECKPOINT_PREFIX, EXPORT, MERGED, MODELFILE
 
 quiet_tokenizers_after_fork()
@@ -100,14 +100,7 @@ def cmd_train(args) -> int:
     from .training.launcher import in_worker, launch  # torch alone: no transformers in the launcher
 
     if cfg.nproc > 1 and not in_worker():  # this process launches the workers (torchrun's agent)
-        from .cpu import usable_cpus
-
-        cpus = usable_cpus()
-        threads = cfg.num_threads or max(1, cpus // cfg.nproc)
-        if cfg.nproc * threads > cpus:  # it works, but threads that share a core wait for each other
-            log(f"warning: {cfg.nproc} processes x {threads} thread{'s' * (threads > 1)} on {cpus} usable CPU "
-                f"core{'s' * (cpus > 1)}: more threads than cores makes training slower, not faster")
-        return launch(cfg.nproc, threads, args.argv, args.resume)
+        return launch(cfg.nproc, cfg.num_threads, args.argv, args.resume)
     from .training.recipe import run
 
     run(cfg, resume=args.resume)

@@ -67,9 +67,23 @@ def torchrun_arguments(nproc: int) -> list[str]:
     ]
 
 
-def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None) -> int:
+def threads_each(nproc: int, num_threads: int | None) -> int:
+    """Torch threads per local process: --num_threads, else the usable cores split between the processes. More
+    threads than cores works, but threads that share a core wait for each other: one line says so."""
+    from ..cpu import usable_cpus
+
+    cpus = usable_cpus()
+    threads = num_threads or max(1, cpus // nproc)
+    if nproc * threads > cpus:
+        log(f"warning: {nproc} processes x {threads} thread{'s' * (threads > 1)} on {cpus} usable CPU "
+            f"core{'s' * (cpus > 1)}: more threads than cores makes training slower, not faster")
+    return threads
+
+
+def launch(nproc: int, num_threads: int | None, worker_argv: list[str], resume: str | None) -> int:
     """Run ``python -m medlora <worker_argv>`` in ``nproc`` local processes through torchrun's launcher (in this
-    process, which becomes torchrun's agent). Returns the exit code; a failure is one line."""
+    process, which becomes torchrun's agent), ``num_threads`` torch threads each (None: ``threads_each``'s share
+    of the cores). Returns the exit code; a failure is one line."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import parse_args, run
@@ -97,6 +111,7 @@ def launch(nproc: int, threads: int, worker_argv: list[str], resume: str | None)
         for worker in psutil.Process().children():
             worker.send_signal(signal.SIGTERM)
 
+    threads = threads_each(nproc, num_threads)
     _quiet_torchrun_logs()
     fd, note = tempfile.mkstemp(prefix="medlora-run-", suffix=".txt")
     os.close(fd)
