@@ -400,7 +400,7 @@ def test_pickle_weights_are_refused_unless_allowed(smol_dir, tmp_path):
 
 def test_too_little_free_disk_is_reported_before_training(tmp_path):
     from medlora.errors import MedloraError
-    from medlora.rundir import check_output_location
+    from medlora.files import check_output_location
 
     check_output_location(tmp_path / "run", need_bytes=1)  # plenty of room for one byte
     with pytest.raises(MedloraError, match=r"not enough free disk for .*need about 1000000000\.0 GB"):

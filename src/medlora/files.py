@@ -1,7 +1,8 @@
 """Writing files so that nothing half-written is ever read: text, JSON and folders are written under a temporary
 name and renamed into place; a write that fails for want of room (a full disk, a quota) is one line naming the file
-and leaves no temporary behind. Also the crash tests' fault points, checksums and tolerant JSON reading. It knows no
-run-folder file names (rundir.py does)."""
+and leaves no temporary behind. Also the checks that an output can be written where it is to go (before slow work
+starts), the crash tests' fault points, checksums and tolerant JSON reading. It knows no run-folder file names
+(rundir.py does)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -118,3 +120,29 @@ def existing_ancestor(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+# ---------------------------------------------------------------- before slow work: can the output go there?
+
+def check_output_location(path: Path, need_bytes: int = 0, label: str = "output_dir") -> None:
+    """Fail before training if the run folder cannot be written or the disk is too full."""
+    probe = existing_ancestor(path)
+    if not probe.is_dir():
+        raise MedloraError(f"cannot create {label} {path}: {probe} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".medlora-write-test")
+        os.close(fd)
+        os.remove(name)
+    except OSError as e:
+        raise MedloraError(f"cannot write to {label} {path} ({e.strerror})") from None
+    free = shutil.disk_usage(probe).free
+    if need_bytes and free < need_bytes:
+        raise MedloraError(f"not enough free disk for {path}: need about {need_bytes / 1e9:.1f} GB for checkpoints "
+                           f"and artifacts, {free / 1e9:.1f} GB free")
+
+
+def check_output_file(path: Path, label: str) -> None:
+    """Fail before slow work (loading a model) if the file ``path`` cannot be written where it is to go."""
+    if path.is_dir():
+        raise MedloraError(f"{label} {path} is a folder; give a file name")
+    check_output_location(path.parent, label=f"{label} folder")

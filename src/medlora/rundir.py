@@ -26,12 +26,11 @@ import os
 import shlex
 import shutil
 import socket
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
 from .errors import MedloraError, log
-from .files import atomic_dir, crash_point, existing_ancestor, read_json, write_json_atomic
+from .files import atomic_dir, crash_point, read_json, write_json_atomic
 
 CONFIG = "config.yaml"
 RUN_INFO = "run_info.json"
@@ -50,7 +49,7 @@ EXPORT = "export"
 MODELFILE = "Modelfile"  # Ollama's, in export/ beside the .gguf
 
 
-# ---------------------------------------------------------------- choosing and checking a location
+# ---------------------------------------------------------------- choosing a new run's folder
 
 def unique_output_dir(path: str | Path) -> Path:
     """The path itself if absent or empty, else a timestamped sibling (never overwrite a run)."""
@@ -70,33 +69,9 @@ def unique_output_dir(path: str | Path) -> Path:
     return candidate
 
 
-def check_output_location(path: Path, need_bytes: int = 0, label: str = "output_dir") -> None:
-    """Fail before training if the run folder cannot be written or the disk is too full."""
-    probe = existing_ancestor(path)
-    if not probe.is_dir():
-        raise MedloraError(f"cannot create {label} {path}: {probe} is a file, not a folder")
-    try:
-        fd, name = tempfile.mkstemp(dir=probe, prefix=".medlora-write-test")
-        os.close(fd)
-        os.remove(name)
-    except OSError as e:
-        raise MedloraError(f"cannot write to {label} {path} ({e.strerror})") from None
-    free = shutil.disk_usage(probe).free
-    if need_bytes and free < need_bytes:
-        raise MedloraError(f"not enough free disk for {path}: need about {need_bytes / 1e9:.1f} GB for checkpoints "
-                           f"and artifacts, {free / 1e9:.1f} GB free")
-
-
 def not_a_folder(path: Path) -> MedloraError:
     """The error for a path given where a folder belongs: missing, or a file (a .gguf, a CSV)."""
     return MedloraError(f"{path}: a file, not a folder; give a run folder" if path.exists() else f"{path}: no such folder")
-
-
-def check_output_file(path: Path, label: str) -> None:
-    """Fail before slow work (loading a model) if the file ``path`` cannot be written where it is to go."""
-    if path.is_dir():
-        raise MedloraError(f"{label} {path} is a folder; give a file name")
-    check_output_location(path.parent, label=f"{label} folder")
 
 
 def claim_output_dir(path: str | Path) -> "RunDir":

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..errors import MedloraError, log
 from ..prompts import DEFAULT_SYSTEM_PROMPT
-from ..rundir import MODELFILE, RunDir, check_output_file, not_a_folder
+from ..files import check_output_file
+from ..rundir import MODELFILE, RunDir, not_a_folder
 from .gguf import DEFAULT_QUANT, QUANTS, NotExportable, write_gguf
 from .modelfile import write_modelfile
 from .q4_0 import activation_importance, calibration_tokens

@@ -11,7 +11,8 @@ from ..config import RESUMABLE_CHANGES, TrainConfig, build_config, load_yaml, pr
 from ..data import load_qa_csv
 from ..errors import MedloraError, log
 from ..model import resolve_model
-from ..rundir import RunDir, check_output_location
+from ..files import check_output_location
+from ..rundir import RunDir
 
 
 def resume_config(args):

@@ -27,9 +27,9 @@ from ..cpu import (SpeedPlan, cpu_has_native_bf16, cpu_summary, int8_hint, preci
                    resolve_checkpointing, resolve_precision)
 from ..data import DataReport, EncodedSplit, encode_frame, split
 from ..errors import Interrupted, MedloraError, log
+from ..files import check_output_location, crash_point, file_sha256
 from ..model import check_lora_targets, find_lora_targets, load_model, load_tokenizer, resolve_model
-from ..files import crash_point, file_sha256
-from ..rundir import RunDir, check_output_location, claim_output_dir
+from ..rundir import RunDir, claim_output_dir
 from . import distributed
 from .callbacks import CheckpointGuard, FiniteLoss, Interrupt, SampleProgress
 from .dropout import use_lora_dropout
