@@ -118,44 +118,15 @@ def data_check_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_data_check(args) -> int:
-    from .prompts import DEFAULT_SYSTEM_PROMPT
-    from .data import encode_frame, length_stats, load_qa_csv
+    from .data import check_file, check_text
     from .model import load_tokenizer, resolve_model
+    from .prompts import DEFAULT_SYSTEM_PROMPT
 
     if args.max_seq_len < 16:
         raise MedloraError("max_seq_len must be >= 16")
-    df, report = load_qa_csv(args.file)
-    tok = load_tokenizer(resolve_model(args.model))
-    encoded = encode_frame(tok, df, args.system_prompt or DEFAULT_SYSTEM_PROMPT, args.max_seq_len,
-                           progress=len(df) > 2000)
-    if not encoded.examples:  # what `train` would refuse, said here rather than an "OK" over empty statistics
-        raise MedloraError(f"{report.path}: no row fits max_seq_len {args.max_seq_len}: all {report.rows_kept} prompts "
-                           "(system prompt and question) are longer; train would refuse it. Give a larger "
-                           "--max_seq_len")
-    stats = {
-        "file": report.path,
-        "rows_read": report.rows_read,
-        "rows_kept": report.rows_kept,
-        "rows_dropped_empty": report.dropped_empty,
-        "qtype_counts": report.qtype_counts,
-        "tokenizer": args.model,
-        **length_stats(encoded, args.max_seq_len),
-    }
-    if args.json:
-        print(json.dumps(stats, indent=2))
-        return 0
-    t = stats["tokens"]
-    lines = [
-        f"{report.path}: OK",
-        f"  rows: {report.rows_read} read, {report.rows_kept} kept, {report.dropped_empty} dropped (empty question or answer)",
-        f"  tokens per example ({args.model} chat template, system prompt included):",
-        f"    p50 {t['p50']}  p90 {t['p90']}  p95 {t['p95']}  p99 {t['p99']}  max {t['max']}  mean {t['mean']}",
-        f"  at max_seq_len {args.max_seq_len}: {stats['truncated_answers']} answers truncated "
-        f"({100 * stats['truncated_rate']:.1f}%), {stats['skipped_long_prompt']} rows skipped (prompt alone too long)",
-        "  qtype counts:",
-        *[f"    {k:<20} {v}" for k, v in report.qtype_counts.items()],
-    ]
-    print("\n".join(lines))
+    stats = check_file(args.file, lambda: load_tokenizer(resolve_model(args.model)), args.model, args.max_seq_len,
+                       args.system_prompt or DEFAULT_SYSTEM_PROMPT)
+    print(json.dumps(stats, indent=2) if args.json else check_text(stats))
     return 0
 
 

@@ -281,3 +281,40 @@ def length_stats(encoded: EncodedSplit, max_seq_len: int) -> dict:
         "truncated_rate": round(encoded.truncated / n, 4) if n else 0.0,
         "skipped_long_prompt": encoded.skipped_long_prompt,
     }
+
+
+def check_file(path: str | Path, tokenizer, tokenizer_name: str, max_seq_len: int, system_prompt: str) -> dict:
+    """`medlora data check`: the CSV validated as `train` reads it (every error one line, before the tokenizer
+    loads: ``tokenizer`` is a function that loads it), then row counts, qtypes and token lengths at
+    ``max_seq_len``."""
+    df, report = load_qa_csv(path)
+    encoded = encode_frame(tokenizer(), df, system_prompt, max_seq_len, progress=len(df) > 2000)
+    if not encoded.examples:  # what `train` would refuse, said here rather than an "OK" over empty statistics
+        raise MedloraError(f"{report.path}: no row fits max_seq_len {max_seq_len}: all {report.rows_kept} prompts "
+                           "(system prompt and question) are longer; train would refuse it. Give a larger "
+                           "--max_seq_len")
+    return {
+        "file": report.path,
+        "rows_read": report.rows_read,
+        "rows_kept": report.rows_kept,
+        "rows_dropped_empty": report.dropped_empty,
+        "qtype_counts": report.qtype_counts,
+        "tokenizer": tokenizer_name,
+        **length_stats(encoded, max_seq_len),
+    }
+
+
+def check_text(stats: dict) -> str:
+    """``check_file``'s statistics as the lines `medlora data check` prints."""
+    t = stats["tokens"]
+    return "\n".join([
+        f"{stats['file']}: OK",
+        f"  rows: {stats['rows_read']} read, {stats['rows_kept']} kept, {stats['rows_dropped_empty']} dropped (empty "
+        "question or answer)",
+        f"  tokens per example ({stats['tokenizer']} chat template, system prompt included):",
+        f"    p50 {t['p50']}  p90 {t['p90']}  p95 {t['p95']}  p99 {t['p99']}  max {t['max']}  mean {t['mean']}",
+        f"  at max_seq_len {stats['max_seq_len']}: {stats['truncated_answers']} answers truncated "
+        f"({100 * stats['truncated_rate']:.1f}%), {stats['skipped_long_prompt']} rows skipped (prompt alone too long)",
+        "  qtype counts:",
+        *[f"    {k:<20} {v}" for k, v in stats["qtype_counts"].items()],
+    ])
