@@ -8,8 +8,8 @@ import hashlib
 from pathlib import Path
 
 from ..errors import MedloraError, log
-from ..prompts import DEFAULT_SYSTEM_PROMPT
 from ..files import check_output_file
+from ..prompts import DEFAULT_SYSTEM_PROMPT
 from ..rundir import MODELFILE, RunDir, not_a_folder
 from .gguf import DEFAULT_QUANT, QUANTS, NotExportable, write_gguf
 from .modelfile import write_modelfile

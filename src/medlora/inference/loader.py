@@ -42,7 +42,8 @@ class LlamaCppUnavailable(MedloraError):
 
 def _llamacpp(target: str | None, model: str | None, threads: int | None, trust_remote_code: bool,
               quant: str, description: str):
-    from ..export.exporter import NotExportable, cached_export
+    from ..export.exporter import cached_export
+    from ..export.gguf import NotExportable
     from .llamacpp import load_llamacpp_backend
 
     if target is not None and model is not None:

@@ -10,8 +10,8 @@ from pathlib import Path
 from ..config import RESUMABLE_CHANGES, TrainConfig, build_config, load_yaml, process_counts
 from ..data import load_qa_csv
 from ..errors import MedloraError, log
-from ..model import resolve_model
 from ..files import check_output_location
+from ..model import resolve_model
 from ..rundir import RunDir
 
 
