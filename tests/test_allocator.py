@@ -67,3 +67,37 @@ def test_train_from_the_command_line_runs_on_jemalloc(sample_csv, tiny_model_dir
     assert info["allocator"] == f"jemalloc (MALLOC_CONF={allocator.JEMALLOC_CONF})"
     assert info["precision"] == "int8" and (out / "adapter" / "adapter_model.safetensors").is_file()
     assert "memory allocator: jemalloc" in proc.stderr + proc.stdout  # the training log says so too
+
+
+def test_only_a_medlora_process_keeps_its_loaded_libraries_out_of_the_garbage_collector(sample_csv, tiny_model_dir,
+                                                                                     tmp_path, monkeypatch):
+    """`medlora train` from the command line moves what it has loaded out of the collector's sight (gc.freeze) before
+    it trains; cli.main called in a caller's own process (a notebook) freezes nothing of the caller's."""
+    import gc
+
+    import medlora.training.recipe as recipe
+    from medlora.cli import main
+
+    frozen = []
+    monkeypatch.setattr(recipe, "run", lambda cfg, resume=None: frozen.append(gc.get_freeze_count()))
+    args = ["train", "--data", str(sample_csv), "--model", str(tiny_model_dir), "--output_dir", str(tmp_path / "run"),
+            "--precision", "fp32"]
+    before = gc.get_freeze_count()
+    assert main(args) == 0 and frozen[0] <= before  # in the caller's process: nothing more frozen (some freed)
+    import weakref
+
+    class Node:
+        pass
+
+    garbage = Node()
+    garbage.me = garbage  # a reference cycle that nothing refers to any more: only a collection frees it
+    freed = weakref.ref(garbage)
+    del garbage
+    monkeypatch.setattr(sys, "argv", ["medlora", *args])
+    gc.disable()  # no automatic collection: only main() can free the cycle
+    try:
+        assert main() == 0  # as the `medlora` command runs it
+    finally:
+        gc.enable()
+    assert frozen[1] > frozen[0] + 1000  # everything alive: what the test process made since its own freeze
+    assert freed() is None  # collected first, not frozen (kept forever) with the rest

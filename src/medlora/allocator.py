@@ -19,6 +19,8 @@ int8` started from the command line re-executes itself once with ``LD_PRELOAD`` 
 PyTorch's CPU launcher (``python -m torch.backends.xeon.run_cpu --enable-jemalloc``) does. Debian and Ubuntu ship the library
 as ``libjemalloc2`` (``make setup`` installs it where it can). ``MEDLORA_ALLOCATOR=system`` keeps glibc; a
 ``MALLOC_CONF`` of the user's own is kept as it is.
+
+Also :func:`freeze_loaded_objects`: the loaded libraries kept out of the garbage collector's full collections.
 """
 
 from __future__ import annotations
@@ -118,3 +120,14 @@ def describe() -> str:
     if jemalloc_path() is None:
         return "system malloc (no libjemalloc.so.2 found)"
     return "system malloc"
+
+
+def freeze_loaded_objects() -> None:
+    """Move what is loaded so far (torch, transformers, peft: ~400,000 objects, none of them garbage) out of the
+    garbage collector's sight (gc.freeze): a full collection, which medlora (release_freed_memory) and accelerate
+    each run in a training run, then takes milliseconds instead of ~0.3 s. For a `medlora` process only: in a
+    caller's own process (a notebook calling cli.main) it would also pin whatever that process has not freed yet."""
+    import gc
+
+    gc.collect()  # garbage first: a frozen object is never freed
+    gc.freeze()

@@ -103,6 +103,10 @@ def cmd_train(args) -> int:
         return launch(cfg.nproc, cfg.num_threads, args.argv, args.resume)
     from .training.recipe import run
 
+    if args.from_command_line:  # a process of its own, for this one run
+        from .allocator import freeze_loaded_objects
+
+        freeze_loaded_objects()
     run(cfg, resume=args.resume)
     return 0
 
