@@ -177,6 +177,11 @@ def child_main(name: str, spec_path: str, result_path: str, progress_path: str) 
     result: dict = {"name": name, "ok": False}
     prog = open(progress_path, "a", buffering=1)
     try:
+        if name.startswith("medlora"):  # as `medlora train` runs: its libraries loaded, then frozen out of the gc
+            import medlora.training.recipe  # noqa: F401
+            from medlora.allocator import freeze_loaded_objects
+
+            freeze_loaded_objects()
         t0 = time.perf_counter()
         trainer = build(name, spec, out, result, t0)
         prog.write(json.dumps({"settings": result["settings"], "model_parameters": result["model_parameters"],

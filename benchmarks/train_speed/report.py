@@ -159,7 +159,9 @@ def load_of(results: dict, load_start, load_end) -> dict:
 def general_notes(args) -> list[str]:
     return [
         "medlora runs with TrainConfig defaults except output_dir, max_seq_len (= --seq), gradient_accumulation_steps, "
-        "max_steps and save_steps (set past max_steps so that no checkpoint save lands in the timed steps).",
+        "max_steps and save_steps (set past max_steps so that no checkpoint save lands in the timed steps), and, "
+        "as `medlora train` does, with its loaded libraries frozen out of the garbage collector "
+        "(medlora.allocator.freeze_loaded_objects).",
         f"Each contender runs in its own subprocess, sequentially ({args.rounds} interleaved round(s); the table "
         "shows each contender's fastest run, every round is in the JSON under all_rounds), on the same data (identical rows; "
         "the batch-1 contenders also get the same row order, since they share the sampler seed 42).",
