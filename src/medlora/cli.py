@@ -420,6 +420,14 @@ def main(argv: list[str] | None = None) -> int:
         return leave(2, argv)
 
 
+def leave(code: int, argv: list[str] | None) -> int:
+    """``code``; a worker of a distributed run started from the command line exits here instead (why: in
+    training/launcher.py, worker_exit)."""
+    from .training.launcher import worker_exit  # loads no torch
+
+    return worker_exit(code, from_command_line=argv is None)
+
+
 def say_error(line: str) -> None:
     """The one error line, on stderr; from a worker of `medlora train --nproc`, to the launcher instead, which prints
     it once for the job (training/launcher.py): torchrun shows rank 0's output only, and stops the other workers
@@ -428,24 +436,6 @@ def say_error(line: str) -> None:
 
     if not tell_launcher(line):
         print(line, file=sys.stderr)
-
-
-def leave(code: int, argv: list[str] | None) -> int:
-    """``code``; but a torchrun worker started from the command line exits here, at once, with it.
-
-    Leaving the normal way frees the trainer's DistributedDataParallel (held by the exception's traceback, or by
-    reference cycles until a later garbage collection) after the process group was destroyed, so that freeing it
-    drops gloo's last reference: gloo's destructor then waits for its worker thread while holding the GIL, and a
-    worker thread still freeing a finished all-gather's tensors waits for the GIL. Both wait forever (seen after
-    Ctrl-C with --nproc 2 on one CPU, 2 runs in 3). Everything medlora writes is closed by now (atomic renames and
-    the run folder's lock released); stdout and stderr are flushed first."""
-    from .training.launcher import in_worker  # loads no torch
-
-    if argv is None and in_worker() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
 
 
 if __name__ == "__main__":
