@@ -283,12 +283,11 @@ def length_stats(encoded: EncodedSplit, max_seq_len: int) -> dict:
     }
 
 
-def check_file(path: str | Path, tokenizer, tokenizer_name: str, max_seq_len: int, system_prompt: str) -> dict:
-    """`medlora data check`: the CSV validated as `train` reads it (every error one line, before the tokenizer
-    loads: ``tokenizer`` is a function that loads it), then row counts, qtypes and token lengths at
-    ``max_seq_len``."""
+def check_file(path: str | Path, load_tokenizer, tokenizer_name: str, max_seq_len: int, system_prompt: str) -> dict:
+    """`medlora data check`: the CSV validated as `train` reads it (every error one line, before
+    ``load_tokenizer()`` loads the tokenizer), then row counts, qtypes and token lengths at ``max_seq_len``."""
     df, report = load_qa_csv(path)
-    encoded = encode_frame(tokenizer(), df, system_prompt, max_seq_len, progress=len(df) > 2000)
+    encoded = encode_frame(load_tokenizer(), df, system_prompt, max_seq_len, progress=len(df) > 2000)
     if not encoded.examples:  # what `train` would refuse, said here rather than an "OK" over empty statistics
         raise MedloraError(f"{report.path}: no row fits max_seq_len {max_seq_len}: all {report.rows_kept} prompts "
                            "(system prompt and question) are longer; train would refuse it. Give a larger "
