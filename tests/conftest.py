@@ -194,15 +194,16 @@ def trained_run(tmp_path_factory, sample_csv, smol_dir):
 
 @pytest.fixture(scope="session", autouse=True)
 def libraries_frozen_for_the_garbage_collector():
-    """The libraries almost every test loads, imported once and moved out of the garbage collector's sight
-    (gc.freeze): each full collection (one in every training run, by medlora and by accelerate) then skips their
-    ~400,000 objects, 0.3 s a collection, as `medlora train` does from the command line (allocator.freeze_loaded_objects)."""
-    import gc
+    """The libraries almost every test loads, imported once and moved out of the garbage collector's sight, as
+    `medlora train` does from the command line (allocator.freeze_loaded_objects): each full collection (one in
+    every training run, by medlora and by accelerate) then skips their ~400,000 objects, 0.3 s a collection."""
     import importlib
+
+    from medlora.allocator import freeze_loaded_objects
 
     for name in ("torch", "transformers", "peft", "medlora.training.recipe"):
         importlib.import_module(name)
-    gc.freeze()
+    freeze_loaded_objects()
 
 
 def pytest_configure(config):
